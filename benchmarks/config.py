@@ -1,0 +1,227 @@
+"""Run configuration: structured schemas, layered YAML composition, and errors that name the fix.
+
+A run config is composed, later layers winning:
+    configs/default.yaml
+    configs/scale/<scale>.yaml
+    configs/dataset/<dataset>.yaml   (+ its `scales.<scale>` section)
+    configs/method/<method>.yaml     (+ its `scales.<scale>` section)
+    command-line dotlist             (`trainer.max_steps=5`)
+`method=<name>`, `dataset=<name>` and `scale=<name>` pick the files. Every layer is merged
+into a structured schema (the method's and dataset's own `Config` dataclasses), so a
+misspelled key is an error naming the nearest valid key, never a silently ignored value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from datamodules.base import LoaderConfig
+from evaluation.config import EvalConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SELECTORS = ("method", "dataset", "scale")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, with a message that says how to fix it."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300  # optimiser steps per stage (a stage may override it under `stages`)
+    precision: str = "bf16-mixed"  # measured fastest on CPUs with bf16 units; "32-true" for exactness
+    accelerator: str = "auto"
+    devices: Any = 1  # int or "auto"; >1 with strategy=ddp for multi-process training
+    num_nodes: int = 1
+    strategy: str = "auto"  # "ddp", "ddp_spawn" (CPU tests), ...
+    gradient_clip_val: float = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 100  # last.ckpt is refreshed this often (resume point)
+    deterministic: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 50  # linear LR warm-up
+    ema_decay: float = 0.999  # 0 disables EMA
+    ema_start_step: int = 0
+
+
+@dataclass
+class StageConfig:
+    """Per-stage overrides; None keeps the run-wide value."""
+
+    max_steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    ema_decay: float | None = None
+    betas: list[float] | None = None
+
+
+@dataclass
+class SampleConfig:
+    num_videos: int = 16  # written to samples/ as mp4 + PNG grid
+    steps: int = 50  # sampler steps (a method may use its own per-stage steps)
+    guidance: float = 1.0  # CFG weight w in eps = (1 + w) eps(c) - w eps(null)
+    eta: float = 0.0  # DDIM eta: 0 deterministic, 1 stochastic
+    batch_size: int = 16
+    fps: int = 8
+
+
+@dataclass
+class RunConfig:
+    method: Any = None  # the method's own Config dataclass
+    dataset: Any = None  # the dataset's own Config dataclass
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scale: str = "tiny"
+    seed: int = 0
+    run_dir: str | None = None  # reuse a folder to resume a run; default runs/<method>-<dataset>-<time>
+    runs_root: str = "runs"
+    results: str = "results/results.jsonl"  # the append-only results store
+    cache_dir: str = "cache"  # shared stage weights (image prior), real statistics, decoded clips
+    tag: str = ""  # free label (sweeps set it)
+
+
+def _choices(kind: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    return OmegaConf.load(path)
+
+
+def _valid_keys(schema: DictConfig, dotted: str) -> tuple[str, list[str]]:
+    """(parent path, valid keys at that level) for a dotted key that failed to merge."""
+    parts = dotted.split(".")
+    node: Any = schema
+    parent = []
+    for p in parts[:-1]:
+        if isinstance(node, DictConfig) and p in node:
+            node = node[p]
+            parent.append(p)
+        else:
+            break
+    keys = list(node.keys()) if isinstance(node, DictConfig) else []
+    return ".".join(parent), keys
+
+
+def _merge(schema: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, layer)
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        full = getattr(e, "full_key", None) or str(e)
+        parent, keys = _valid_keys(schema, full)
+        bad = full.split(".")[-1]
+        near = difflib.get_close_matches(bad, keys, n=1, cutoff=0.5)
+        hint = f"did you mean '{parent + '.' if parent else ''}{near[0]}'? " if near else ""
+        raise ConfigError(f"unknown config key '{full}' (from {source}); {hint}"
+                          f"valid keys under '{parent or '<root>'}': {', '.join(map(str, keys))}") from None
+    except ValidationError as e:
+        raise ConfigError(f"invalid value for '{getattr(e, 'full_key', '?')}' (from {source}): {e.msg}") from None
+
+
+def _split_layer(layer: DictConfig, scale: str) -> tuple[DictConfig, DictConfig | None]:
+    """A method/dataset file's body and its `scales.<scale>` section."""
+    layer = layer.copy()
+    scales = layer.pop("scales", None)
+    return layer, (scales.get(scale) if scales is not None else None)
+
+
+def load_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose the run config from the YAML layers and `key=value` overrides."""
+    from datamodules import DATASETS
+    from methods import METHODS
+
+    overrides = list(overrides or [])
+    default = _load_yaml(CONFIG_DIR / "default.yaml")
+    chosen = dict(default.pop("defaults", {}))
+    cli = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key in SELECTORS:
+            chosen[key] = value
+        else:
+            cli.append(item)
+    method, dataset, scale = chosen.get("method"), chosen.get("dataset"), chosen.get("scale", "tiny")
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    if dataset not in _choices("dataset"):
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of: {', '.join(_choices('dataset'))}")
+    if scale not in _choices("scale"):
+        raise ConfigError(f"unknown scale {scale!r}; choose one of: {', '.join(_choices('scale'))}")
+
+    schema = OmegaConf.structured(RunConfig(method=METHODS[method].Config(), dataset=None))
+    ds_layer, ds_scale = _split_layer(_load_yaml(CONFIG_DIR / "dataset" / f"{dataset}.yaml"), scale)
+    ds_name = ds_layer.get("dataset", {}).get("name", dataset)
+    if ds_name not in DATASETS:
+        raise ConfigError(f"configs/dataset/{dataset}.yaml names dataset {ds_name!r}, not registered: {sorted(DATASETS)}")
+    schema.dataset = OmegaConf.structured(DATASETS[ds_name].Config())
+    schema.method.name = method
+    schema.scale = scale
+
+    cfg = _merge(schema, default, "configs/default.yaml")
+    cfg = _merge(cfg, _load_yaml(CONFIG_DIR / "scale" / f"{scale}.yaml"), f"configs/scale/{scale}.yaml")
+    cfg = _merge(cfg, ds_layer, f"configs/dataset/{dataset}.yaml")
+    if ds_scale is not None:
+        cfg = _merge(cfg, ds_scale, f"configs/dataset/{dataset}.yaml scales.{scale}")
+    m_layer, m_scale = _split_layer(_load_yaml(CONFIG_DIR / "method" / f"{method}.yaml"), scale)
+    cfg = _merge(cfg, m_layer, f"configs/method/{method}.yaml")
+    if m_scale is not None:
+        cfg = _merge(cfg, m_scale, f"configs/method/{method}.yaml scales.{scale}")
+    try:
+        cli_layer = OmegaConf.from_dotlist(cli)
+    except Exception as e:  # malformed dotlist entries
+        raise ConfigError(f"could not parse command-line overrides {cli}: {e}") from None
+    cfg = _merge(cfg, cli_layer, "command line")
+    unknown_stages = set(cfg.stages) - set(METHODS[method].stages)
+    if unknown_stages:
+        raise ConfigError(f"stages.{sorted(unknown_stages)[0]}: method {method!r} has no such stage; "
+                          f"its stages are {list(METHODS[method].stages)}")
+    return cfg
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """Plain dicts and lists (what checkpoints and the results store keep)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = ("run_dir", "runs_root", "results", "tag")) -> str:
+    """sha256 of the config that determines a result (paths and labels left out)."""
+    d = cfg if isinstance(cfg, dict) else to_container(cfg)
+    d = {k: v for k, v in d.items() if k not in exclude}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_settings(cfg: DictConfig, stage: str) -> dict:
+    """The effective training settings of one stage: run-wide values with its overrides."""
+    over = cfg.stages.get(stage) if stage in cfg.stages else None
+    pick = lambda name, default: getattr(over, name) if over is not None and getattr(over, name) is not None else default  # noqa: E731
+    return {
+        "max_steps": pick("max_steps", cfg.trainer.max_steps),
+        "lr": pick("lr", cfg.optim.lr),
+        "batch_size": pick("batch_size", cfg.data.batch_size),
+        "ema_decay": pick("ema_decay", cfg.optim.ema_decay),
+        "betas": list(pick("betas", cfg.optim.betas)),
+    }

@@ -1,0 +1,118 @@
+"""The dataset contract and the one `VideoDataModule` that wraps any registered dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.batch import collate_items
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DatasetConfig:
+    """Fields every dataset understands; a dataset subclasses this for its own keys."""
+
+    name: str = "shapes"
+    root: str | None = None  # where the data lives (unused by the embedded shapes data)
+    frames: int = 16  # frames per clip
+    resolution: int = 32  # square side length after shorter-side resize + centre crop
+    stride: int = 1  # keep every `stride`-th source frame
+    channels: int = 3
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 16
+    num_workers: int = 0  # 0 keeps CPU runs simple; raise on a GPU box
+    eval_batch_size: int = 16
+    pin_memory: bool = False
+
+
+class VideoDataset(Dataset):
+    """Base of every dataset: items are `{"video": (C, T, H, W) float in [-1, 1], "label": int, "text": str|None}`.
+
+    label is -1 for unlabelled data; text is None for data without captions.
+    """
+
+    Config: type[DatasetConfig] = DatasetConfig
+
+    def __init__(self, cfg: DatasetConfig, split: str = "train") -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+        self.cfg = cfg
+        self.split = split
+
+    #: class names indexed by label; empty for unlabelled data
+    class_names: list[str] = []
+    #: whether items carry captions
+    has_captions: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def skipped(self) -> int:
+        """How many source files were skipped as unreadable (logged with the run's results)."""
+        return 0
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        raise NotImplementedError
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Wraps any registered dataset; yields `VideoBatch` for training and evaluation."""
+
+    def __init__(self, dataset_cfg: DatasetConfig, loader: LoaderConfig | None = None) -> None:
+        super().__init__()
+        from datamodules import DATASETS  # the registry imports the dataset modules
+
+        if dataset_cfg.name not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset_cfg.name!r}; registered: {sorted(DATASETS)}")
+        self.dataset_cfg = dataset_cfg
+        self.loader = loader or LoaderConfig()
+        self._cls = DATASETS[dataset_cfg.name]
+        self._datasets: dict[str, VideoDataset] = {}
+
+    def dataset(self, split: str = "train") -> VideoDataset:
+        if split not in self._datasets:
+            self._datasets[split] = self._cls(self.dataset_cfg, split)
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        self.dataset("train")
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader_for("train", shuffle=True, drop_last=True)
+
+    def loader_for(self, split: str, *, shuffle: bool = False, drop_last: bool = False,
+                   batch_size: int | None = None, seed: int = 0) -> DataLoader:
+        ds = self.dataset(split)
+        bs = batch_size or (self.loader.batch_size if split == "train" else self.loader.eval_batch_size)
+        if drop_last and len(ds) < bs:
+            raise ValueError(f"dataset {self.dataset_cfg.name!r} split {split!r} has {len(ds)} clips, "
+                             f"fewer than one batch of {bs}: lower data.batch_size")
+        g = torch.Generator().manual_seed(seed)
+        return DataLoader(ds, batch_size=bs, shuffle=shuffle, drop_last=drop_last, collate_fn=collate_items,
+                          num_workers=self.loader.num_workers, pin_memory=self.loader.pin_memory,
+                          persistent_workers=self.loader.num_workers > 0, generator=g)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset("train").num_classes
+
+    @property
+    def has_captions(self) -> bool:
+        return self.dataset("train").has_captions
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.dataset("train").class_names

@@ -1,0 +1,70 @@
+"""The Lightning system that trains one stage of any method.
+
+It is handed a `VideoGenerator` and a stage name and holds no diffusion math: the step is
+`method.loss(stage, batch)` on `method.stage_parameters(stage)`; everything else (EMA,
+checkpoints, precision, clipping, DDP, logging) is Lightning's.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+from methods.base import VideoBatch, VideoGenerator
+
+
+class StageSystem(L.LightningModule):
+    """Trains `method.stage_parameters(stage)`; every other parameter is frozen for the stage."""
+
+    def __init__(self, method: VideoGenerator, stage: str, *, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
+        super().__init__()
+        method.check_stage(stage)
+        self.method = method
+        self.stage = stage
+        self.lr, self.betas, self.weight_decay, self.warmup_steps = lr, tuple(betas), weight_decay, warmup_steps
+        trainable = {id(p) for p in method.stage_parameters(stage)}
+        if not trainable:
+            raise ValueError(f"stage {stage!r} of {type(method).__name__} has no parameters to train")
+        for p in method.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    def training_step(self, batch: VideoBatch, batch_idx: int) -> torch.Tensor:
+        out = self.method.loss(self.stage, batch)
+        logs = {f"{self.stage}/{k}": v.detach().float() for k, v in out.items()}
+        self.log_dict(logs, prog_bar=False, batch_size=len(batch), sync_dist=False)
+        self.log("loss", out["loss"].detach().float(), prog_bar=True, logger=False, batch_size=len(batch))
+        return out["loss"]
+
+    def configure_optimizers(self):
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        warm = max(1, self.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class EMA(WeightAveraging):
+    """Lightning's weight averaging with an EMA whose decay warms up: min(decay, (1 + n) / (10 + n)).
+
+    A fixed decay of 0.999 over a 300-step CPU run would leave the averaged weights mostly
+    at their initialisation; the warm-up (as in common EMA practice) makes short runs usable
+    while long runs converge to `decay`.
+    """
+
+    def __init__(self, decay: float = 0.999, start_step: int = 0) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+
+        def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+            n = float(num_averaged)
+            d = min(decay, (1 + n) / (10 + n))
+            return averaged * d + current * (1 - d)
+
+        super().__init__(avg_fn=avg_fn, use_buffers=True)
+        self.decay, self.start_step = decay, start_step
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and step_idx >= self.start_step
+

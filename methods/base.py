@@ -1,0 +1,124 @@
+"""The method contract: every video generator in the framework implements this.
+
+A method is a plain `nn.Module` (no Lightning). The training system calls
+`loss(stage, batch)` on the parameters of `stage_parameters(stage)`, stage by stage in
+`stages` order; evaluation calls `sample(...)` and, for methods with an autoencoder,
+`reconstruct(...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from datamodules.batch import VideoBatch
+
+__all__ = ["VideoBatch", "Conditioning", "DataSpec", "VideoGenerator"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a method needs to know about the data it will be trained on."""
+
+    channels: int = 3
+    frames: int = 16
+    height: int = 32
+    width: int = 32
+    num_classes: int = 0  # 0 = unconditional on class
+    captions: bool = False  # the dataset provides text
+
+    @property
+    def video_shape(self) -> tuple[int, int, int, int]:
+        return (self.channels, self.frames, self.height, self.width)
+
+
+@dataclass
+class Conditioning:
+    """What a sample is conditioned on; every field is optional.
+
+    label: (n,) long; text: n captions; first_frame: (n, C, H, W) in [-1, 1] (image-to-video).
+    """
+
+    label: Tensor | None = None
+    text: list[str] | None = None
+    first_frame: Tensor | None = None
+
+    @classmethod
+    def from_batch(cls, batch: VideoBatch, first_frame: bool = False) -> Conditioning:
+        return cls(label=batch.label, text=batch.text, first_frame=batch.first_frame if first_frame else None)
+
+    def __len__(self) -> int:
+        for v in (self.label, self.text, self.first_frame):
+            if v is not None:
+                return len(v)
+        return 0
+
+    def slice(self, start: int, stop: int) -> Conditioning:
+        return Conditioning(
+            label=None if self.label is None else self.label[start:stop],
+            text=None if self.text is None else self.text[start:stop],
+            first_frame=None if self.first_frame is None else self.first_frame[start:stop],
+        )
+
+    def to(self, device: torch.device | str) -> Conditioning:
+        return Conditioning(
+            label=None if self.label is None else self.label.to(device),
+            text=self.text,
+            first_frame=None if self.first_frame is None else self.first_frame.to(device),
+        )
+
+
+class VideoGenerator(nn.Module):
+    """Base class of every method. Subclasses set `stages` and implement the hooks."""
+
+    stages: tuple[str, ...] = ()
+    # Stages whose trained weights other methods may share (e.g. the image prior).
+    image_to_video: bool = False  # True when sampling needs Conditioning.first_frame
+
+    def __init__(self, data: DataSpec) -> None:
+        super().__init__()
+        self.data = data
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        """The parameters that `stage` trains (the rest stay frozen during it)."""
+        raise NotImplementedError
+
+    def loss(self, stage: str, batch: VideoBatch) -> dict[str, Tensor]:
+        """{"loss": scalar, **scalars to log} for one training batch of `stage`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        cond: Conditioning,
+        *,
+        steps: int,
+        guidance: float,
+        generator: torch.Generator | None = None,
+        eta: float = 0.0,
+    ) -> Tensor:
+        """n videos (n, C, T, H, W) in [-1, 1]."""
+        raise NotImplementedError
+
+    @property
+    def has_autoencoder(self) -> bool:
+        return type(self).reconstruct is not VideoGenerator.reconstruct
+
+    def reconstruct(self, video: Tensor) -> Tensor:
+        """Encode and decode `video` (B, C, T, H, W) -> same shape (methods with an autoencoder)."""
+        raise NotImplementedError(f"{type(self).__name__} has no autoencoder to reconstruct with")
+
+    def check_stage(self, stage: str) -> None:
+        if stage not in self.stages:
+            raise ValueError(f"{type(self).__name__} has no stage {stage!r}; its stages are {self.stages}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self, stage: str | None = None) -> int:
+        params = self.parameters() if stage is None else self.stage_parameters(stage)
+        return sum(p.numel() for p in params)
