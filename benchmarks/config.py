@@ -2,10 +2,12 @@
 
 A run config is composed, later layers winning:
     configs/default.yaml
-    configs/scale/<scale>.yaml
-    configs/dataset/<dataset>.yaml   (+ its `scales.<scale>` section)
-    configs/method/<method>.yaml     (+ its `scales.<scale>` section)
-    command-line dotlist             (`trainer.max_steps=5`)
+    configs/dataset/<dataset>.yaml
+    configs/method/<method>.yaml
+    configs/scale/<scale>.yaml                     generic preset (tiny, paper, test)
+    the dataset file's `scales.<scale>` section    dataset-specific preset
+    the method file's `scales.<scale>` section     method-specific preset
+    command-line dotlist                           (`trainer.max_steps=5`)
 `method=<name>`, `dataset=<name>` and `scale=<name>` pick the files. Every layer is merged
 into a structured schema (the method's and dataset's own `Config` dataclasses), so a
 misspelled key is an error naming the nearest valid key, never a silently ignored value.
@@ -181,15 +183,19 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     schema.method.name = method
     schema.scale = scale
 
-    cfg = _merge(schema, default, "configs/default.yaml")
-    cfg = _merge(cfg, _load_yaml(CONFIG_DIR / "scale" / f"{scale}.yaml"), f"configs/scale/{scale}.yaml")
-    cfg = _merge(cfg, ds_layer, f"configs/dataset/{dataset}.yaml")
-    if ds_scale is not None:
-        cfg = _merge(cfg, ds_scale, f"configs/dataset/{dataset}.yaml scales.{scale}")
     m_layer, m_scale = _split_layer(_load_yaml(CONFIG_DIR / "method" / f"{method}.yaml"), scale)
-    cfg = _merge(cfg, m_layer, f"configs/method/{method}.yaml")
-    if m_scale is not None:
-        cfg = _merge(cfg, m_scale, f"configs/method/{method}.yaml scales.{scale}")
+    layers = [
+        (default, "configs/default.yaml"),
+        (ds_layer, f"configs/dataset/{dataset}.yaml"),
+        (m_layer, f"configs/method/{method}.yaml"),
+        (_load_yaml(CONFIG_DIR / "scale" / f"{scale}.yaml"), f"configs/scale/{scale}.yaml"),
+        (ds_scale, f"configs/dataset/{dataset}.yaml scales.{scale}"),
+        (m_scale, f"configs/method/{method}.yaml scales.{scale}"),
+    ]
+    cfg = schema
+    for layer, source in layers:
+        if layer is not None:
+            cfg = _merge(cfg, layer, source)
     try:
         cli_layer = OmegaConf.from_dotlist(cli)
     except Exception as e:  # malformed dotlist entries

@@ -1,0 +1,111 @@
+"""The stateless diffusion core: forward process, parameterisations, samplers, CFG."""
+
+import pytest
+import torch
+
+from methods import diffusion as D
+
+
+@pytest.mark.parametrize("name", D.SCHEDULES)
+def test_schedules_are_decreasing_and_in_range(name):
+    ab = D.alpha_bar_schedule(name)
+    assert ab.dtype == torch.float64 and ab.shape == (1000,)
+    assert (ab[1:] < ab[:-1]).all() and 0 < ab[-1] < ab[0] < 1
+
+
+def test_ldm_linear_endpoints():
+    betas = D.beta_schedule("ldm_linear")
+    assert betas[0].item() == pytest.approx(0.0015) and betas[-1].item() == pytest.approx(0.0195)
+
+
+def test_noising_at_t0_returns_x0_and_marginal_variance():
+    x0 = torch.randn(4, 3, 5, 6, 7, dtype=torch.float64)
+    noise = torch.randn_like(x0)
+    # alpha_bar with a first entry of exactly 1: t = 0 is clean data
+    ab = torch.cat([torch.ones(1, dtype=torch.float64), D.alpha_bar_schedule("linear")[1:]])
+    assert torch.allclose(D.q_sample(x0, torch.zeros(4, dtype=torch.long), ab, noise), x0)
+    # at the last step of the cosine schedule x_t is almost pure noise
+    ab = D.alpha_bar_schedule("cosine")
+    x_t = D.q_sample(x0, torch.full((4,), 999), ab, noise)
+    assert torch.allclose(x_t, noise, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (2, 3, 4, 5), (2, 3, 4, 5, 6)])
+def test_conversions_round_trip_any_rank(shape):
+    ab = D.alpha_bar_schedule("linear")
+    x0, eps = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    t = torch.randint(0, 1000, (shape[0],))
+    x_t = D.q_sample(x0, t, ab, eps)
+    assert torch.allclose(D.x0_from_eps(x_t, t, eps, ab), x0, atol=1e-6)
+    assert torch.allclose(D.eps_from_x0(x_t, t, x0, ab), eps, atol=1e-6)
+    v = D.v_from_eps(x0, t, eps, ab)
+    assert torch.allclose(D.eps_from_v(x_t, t, v, ab), eps, atol=1e-8)
+    assert torch.allclose(D.x0_from_v(x_t, t, v, ab), x0, atol=1e-8)
+    for objective in D.OBJECTIVES:
+        target = D.training_target(x0, t, eps, ab, objective)
+        assert torch.allclose(D.to_eps(target, x_t, t, ab, objective), eps, atol=1e-6)
+
+
+def _oracle(point: torch.Tensor, ab: torch.Tensor):
+    """The exact eps-denoiser for a dataset that is the single point `point`."""
+    return lambda x_t, t: D.eps_from_x0(x_t, t, point.expand_as(x_t), ab)
+
+
+@pytest.mark.parametrize("sampler", ["ddim0", "ddim1", "ddim_fewsteps", "ddpm"])
+def test_oracle_denoiser_makes_every_sampler_return_the_point(sampler):
+    ab = D.alpha_bar_schedule("linear")
+    point = torch.linspace(-0.9, 0.9, 2 * 3 * 4 * 5, dtype=torch.float64).reshape(1, 2, 3, 4, 5)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn((3, 2, 3, 4, 5), generator=g, dtype=torch.float64)
+    model = _oracle(point, ab)
+    if sampler == "ddpm":
+        out = D.ddpm_sample(model, x_T, ab, generator=g)
+    else:
+        steps = 3 if sampler == "ddim_fewsteps" else 50
+        out = D.ddim_sample(model, x_T, ab, steps, eta=1.0 if sampler == "ddim1" else 0.0, generator=g)
+    assert torch.allclose(out, point.expand_as(out), atol=1e-4)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_matches_diffusers(eta):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                          clip_sample=False, set_alpha_to_one=True)
+    sched.set_timesteps(25)
+    ours = D.ddim_timesteps(1000, 25)
+    assert ours.tolist() == sched.timesteps.tolist()
+    ab = D.alpha_bar_schedule("linear")
+    g = torch.Generator().manual_seed(1)
+    for i in (0, 7, 24):
+        x, eps, noise = (torch.randn(2, 3, 4, 8, 8, generator=g) for _ in range(3))
+        t = int(sched.timesteps[i])
+        ref = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+        t_prev = ours[i + 1] if i + 1 < len(ours) else torch.tensor(-1)
+        mine = D.ddim_step(eps, x, torch.full((2,), t), t_prev.expand(2), ab, eta=eta, noise=noise)
+        assert torch.allclose(mine, ref, atol=1e-5), (i, (mine - ref).abs().max())
+
+
+def test_cfg_combine_formula():
+    c, u = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0])
+    assert torch.allclose(D.cfg_combine(c, u, 0.0), c)
+    assert torch.allclose(D.cfg_combine(c, u, 2.0), 3 * c - 2 * u)  # (1 + w) eps_c - w eps_u
+
+
+def test_noise_fn_is_used_by_the_sampler():
+    """A constant noise_fn changes a stochastic sampler's output: noise really is a parameter."""
+    ab = D.alpha_bar_schedule("linear")
+    x_T = torch.randn(2, 3, 4, 4)
+    model = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    a = D.ddim_sample(model, x_T, ab, 5, eta=1.0, generator=torch.Generator().manual_seed(0))
+    b = D.ddim_sample(model, x_T, ab, 5, eta=1.0, noise_fn=lambda like, g: torch.ones_like(like))
+    assert not torch.allclose(a, b)
+
+
+def test_diffusion_loss_zero_for_perfect_model_and_per_sample():
+    ab = D.alpha_bar_schedule("cosine")
+    x0, noise = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    t = torch.randint(0, 1000, (5,))
+    loss = D.diffusion_loss(lambda x_t, tt: noise, x0, t, ab, noise, "eps")
+    assert loss.shape == (5,) and torch.allclose(loss, torch.zeros(5))
+    assert (D.diffusion_loss(lambda x_t, tt: torch.zeros_like(x_t), x0, t, ab, noise, "eps") > 0).all()
