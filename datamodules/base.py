@@ -67,6 +67,14 @@ class VideoDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         raise NotImplementedError
 
+    def eval_clip(self, index: int, seed: int) -> dict:
+        """The index-th real clip of the evaluation set for `seed`, a pure function of (index, seed).
+
+        File datasets override it: one clip per real video, in a seeded order, at a seeded random
+        temporal offset. Procedural data is already a function of the index.
+        """
+        return self[index % len(self)]
+
 
 class VideoDataModule(L.LightningDataModule):
     """Wraps any registered dataset; yields `VideoBatch` for training and evaluation."""
@@ -86,6 +94,11 @@ class VideoDataModule(L.LightningDataModule):
         if split not in self._datasets:
             self._datasets[split] = self._cls(self.dataset_cfg, split)
         return self._datasets[split]
+
+    def prepare_data(self) -> None:
+        """Once per node before setup: a dataset with a decode cache fills it (progress bar, resumable)."""
+        if getattr(self.dataset_cfg, "cache", False):
+            self.dataset("train").build_cache(num_workers=self.loader.num_workers)
 
     def setup(self, stage: str | None = None) -> None:
         self.dataset("train")
