@@ -38,8 +38,12 @@ class StageSystem(L.LightningModule):
         return out["loss"]
 
     def configure_optimizers(self):
-        params = [p for p in self.method.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        if hasattr(self.method, "stage_param_groups"):  # a method may give parts of a stage their own lr
+            groups = [{"params": g["params"], "lr": self.lr * g.get("lr_scale", 1.0)}
+                      for g in self.method.stage_param_groups(self.stage) if g["params"]]
+        else:
+            groups = [{"params": [p for p in self.method.parameters() if p.requires_grad]}]
+        opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         warm = max(1, self.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -56,15 +60,20 @@ class EMA(WeightAveraging):
     def __init__(self, decay: float = 0.999, start_step: int = 0) -> None:
         if not 0 < decay < 1:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-
-        def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-            n = float(num_averaged)
-            d = min(decay, (1 + n) / (10 + n))
-            return averaged * d + current * (1 - d)
-
-        super().__init__(avg_fn=avg_fn, use_buffers=True)
+        super().__init__(avg_fn=WarmupDecay(decay), use_buffers=True)
         self.decay, self.start_step = decay, start_step
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step
 
+
+class WarmupDecay:
+    """EMA update with decay min(decay, (1 + n) / (10 + n)); a class, not a closure, so `ddp_spawn` can pickle it."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def __call__(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        d = min(self.decay, (1 + n) / (10 + n))
+        return averaged * d + current * (1 - d)

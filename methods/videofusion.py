@@ -1,0 +1,204 @@
+"""VideoFusion (Luo et al., CVPR 2023, arXiv 2303.08320): decomposed noise for video diffusion.
+
+Notation (paper section 3; per video of N frames, frame index i, key frame k = floor(N / 2)):
+    b        (C, H, W)       base noise shared by every frame of a video
+    r_i      (C, H, W)       residual noise of frame i
+    lam_i    scalar          share of base noise: lam_k = 1, lam_i = lam otherwise
+    eps_i    = sqrt(lam_i) b + sqrt(1 - lam_i) r_i                                   (eq. 5)
+    x_t^i    = sqrt(alpha_bar_t) x0^i + sqrt(1 - alpha_bar_t) eps_i                  (eq. 6)
+    z_b      base generator: an image denoiser (from the shared image prior) that sees only
+             the noisy key frame x_t^k and predicts b
+    x'_t^i   = x_t^i - sqrt(lam_i) sqrt(1 - alpha_bar_t) z_b(x_t^k, t)               (eq. 9)
+    z_r      residual generator: predicts r_i from x'_t^i, t and the frame index i
+    eps_hat_i = sqrt(lam_i) z_b(x_t^k, t) + sqrt(1 - lam_i) z_r(x'_t^i, t, i)         (eq. 10)
+Every frame's marginal is the usual DDPM one, so a standard DDIM step per frame samples it,
+with the start noise and (eta > 0) the step noise drawn from the same decomposition: this
+is the sampler's `noise_fn`. The base generator learns only from the key-frame loss (the
+residual loss sees it through a stop-gradient) and is fine-tuned with a smaller learning rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from methods import diffusion as D
+from methods.base import Conditioning, DataSpec, VideoBatch, VideoGenerator
+from methods.image_prior import ImagePrior, ImagePriorConfig, random_frames, repeat_conditioning
+from methods.nets.cond_denoiser import CondDenoiser
+from methods.nets.embed import TextEncoderConfig
+from methods.nets.unet import UNet, UNetConfig
+from methods.vdm import run_sampler
+
+
+@dataclass
+class ResidualConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    temporal: bool = True  # factorised temporal layers in z_r (the paper leaves the residual network's form open)
+    conditioning: str = "class"  # none | class | text | class+text
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+
+@dataclass
+class VideoFusionConfig:
+    name: str = "videofusion"
+    lam: float = 0.5  # lam_i for every frame but the key frame (paper's main setting; ablated there)
+    image_prior: ImagePriorConfig = field(default_factory=ImagePriorConfig)  # z_b's architecture, schedule, condition
+    base_init: str = "image_prior"  # image_prior: z_b starts from the trained/cached prior | scratch
+    base_lr_scale: float = 0.1  # z_b's learning rate relative to the stage's (joint fine-tuning, small lr)
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+
+
+class VideoFusion(VideoGenerator):
+    """Shared base noise + per-frame residual noise; stages [image_prior,] video."""
+
+    Config = VideoFusionConfig
+    stages = ("image_prior", "video")
+    shared_stages: dict[str, str] = {"image_prior": "image_prior"}
+
+    def __init__(self, cfg: VideoFusionConfig, data: DataSpec) -> None:
+        super().__init__(data)
+        if not 0 <= cfg.lam < 1:
+            raise ValueError(f"method.lam must be in [0, 1), got {cfg.lam}")
+        if cfg.base_init not in ("image_prior", "scratch"):
+            raise ValueError(f"method.base_init must be 'image_prior' or 'scratch', got {cfg.base_init!r}")
+        if cfg.image_prior.diffusion.objective != "eps":
+            raise ValueError("VideoFusion's noise decomposition needs eps-prediction: set "
+                             "method.image_prior.diffusion.objective=eps")
+        if cfg.image_prior.diffusers_path:
+            raise ValueError("VideoFusion runs in pixel space here: method.image_prior.diffusers_path is not supported")
+        self.cfg = cfg
+        self.key = data.frames // 2  # k = floor(N / 2)
+        self.base = ImagePrior(cfg.image_prior, data)  # z_b
+        if cfg.base_init == "image_prior":
+            self.image_prior = ImagePrior(cfg.image_prior, data)
+        else:
+            self.image_prior = None
+            self.stages = ("video",)
+            self.shared_stages = {}
+        c = data.channels
+        backbone = UNet(c, c, cfg.residual.unet, temporal=cfg.residual.temporal)
+        self.residual = CondDenoiser(backbone, backbone.emb_dim, cfg.residual.conditioning, data.num_classes,
+                                     cfg.residual.text)  # z_r
+        self.frame_embed = nn.Embedding(data.frames, backbone.emb_dim)  # the frame index i
+        lam = torch.full((data.frames,), cfg.lam)
+        lam[self.key] = 1.0
+        self.register_buffer("lam", lam, persistent=False)
+
+    @property
+    def alpha_bar(self) -> Tensor:
+        return self.base.alpha_bar
+
+    # --- stages ---------------------------------------------------------------------------------
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        self.check_stage(stage)
+        if stage == "image_prior":
+            return self.image_prior.trainable_parameters()
+        return [p for g in self.stage_param_groups(stage) for p in g["params"]]
+
+    def stage_param_groups(self, stage: str) -> list[dict]:
+        """Optimiser groups with a relative learning rate (`lr_scale`): z_b fine-tunes slowly."""
+        if stage != "video":
+            return [{"params": self.stage_parameters(stage), "lr_scale": 1.0}]
+        residual = [p for p in [*self.residual.parameters(), *self.frame_embed.parameters()] if p.requires_grad]
+        return [{"params": residual, "lr_scale": 1.0},
+                {"params": self.base.trainable_parameters(), "lr_scale": self.cfg.base_lr_scale}]
+
+    def shared_stage_config(self, stage: str) -> dict:
+        """The image prior's cache key, identical to CMD's for the same prior config: one prior, many methods."""
+        if stage != "image_prior":
+            raise ValueError(f"VideoFusion shares only its image_prior stage, not {stage!r}")
+        return {"image_prior": asdict(self.cfg.image_prior), "data": asdict(self.data)}
+
+    def on_stage_start(self, stage: str) -> None:
+        if stage == "video" and self.image_prior is not None:
+            self.base.load_state_dict(self.image_prior.state_dict())
+
+    # --- the decomposed noise -----------------------------------------------------------------------
+
+    def _lam(self, like: Tensor) -> Tensor:
+        return self.lam.to(like.dtype).view(1, 1, -1, 1, 1)  # (1, 1, T, 1, 1)
+
+    def noise(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """eps_i = sqrt(lam_i) b + sqrt(1 - lam_i) r_i for a batch shaped like `like` (B, C, T, H, W) (eq. 5)."""
+        B, C, _, H, W = like.shape
+        b = torch.randn((B, C, 1, H, W), generator=generator, device=like.device, dtype=like.dtype)
+        r = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        lam = self._lam(like)
+        return lam.sqrt() * b + (1 - lam).sqrt() * r
+
+    def _residual(self, x_res: Tensor, t: Tensor, cond: Conditioning | None, drop: Tensor | None) -> Tensor:
+        """z_r(x'_t^i, t, i): the residual generator with the frame index added to each frame's embedding."""
+        B, T = x_res.shape[0], x_res.shape[2]
+        emb = self.residual.embed(B, cond, drop, x_res.device)  # (B, E) or None
+        frames = repeat(self.frame_embed.weight[:T], "t e -> (b t) e", b=B)  # (B*T, E)
+        emb = frames if emb is None else frames + repeat(emb, "b e -> (b t) e", t=T)
+        if self.cfg.residual.temporal:
+            return self.residual.backbone(x_res, t, emb)
+        out = self.residual.backbone(rearrange(x_res, "b c t h w -> (b t) c h w"), t.repeat_interleave(T), emb)
+        return rearrange(out, "(b t) c h w -> b c t h w", t=T)
+
+    def _remove_base(self, x_t: Tensor, t: Tensor, eps_base: Tensor) -> Tensor:
+        """x'_t^i = x_t^i - sqrt(lam_i) sqrt(1 - alpha_bar_t) z_b(x_t^k, t) (eq. 9)."""
+        a = D.append_dims(self.alpha_bar.to(x_t.device)[t], x_t.ndim).to(x_t.dtype)
+        return x_t - self._lam(x_t).sqrt() * (1 - a).sqrt() * eps_base[:, :, None]
+
+    # --- training -------------------------------------------------------------------------------
+
+    def loss(self, stage: str, batch: VideoBatch) -> dict[str, Tensor]:
+        self.check_stage(stage)
+        video = batch.video  # (B, C, T, H, W)
+        cond = Conditioning.from_batch(batch)
+        if stage == "image_prior":
+            k = self.cfg.image_prior.frames_per_video
+            return {"loss": self.image_prior.loss(random_frames(video, k), repeat_conditioning(cond, k))}
+        B = video.shape[0]
+        t = D.sample_timesteps(B, len(self.alpha_bar), video.device)
+        eps = self.noise(video)  # (B, C, T, H, W)
+        x_t = D.q_sample(video, t, self.alpha_bar, eps)
+        drop = self.base.denoiser.random_drop(B, self.cfg.image_prior.diffusion.cond_drop_prob, video.device)
+        # 1. base generator on the key frame predicts b = eps_k (its only loss)
+        eps_base = self.base.denoiser(x_t[:, :, self.key], t, cond, drop)  # (B, C, H, W)
+        loss_base = (eps_base.float() - eps[:, :, self.key].float()).pow(2).mean()
+        # 2. residual generator on the base-removed frames, with z_b behind a stop-gradient (eq. 11)
+        sg = eps_base.detach()
+        r_hat = self._residual(self._remove_base(x_t, t, sg), t, cond, drop)
+        lam = self._lam(x_t)
+        eps_hat = lam.sqrt() * sg[:, :, None] + (1 - lam).sqrt() * r_hat
+        err = (eps_hat.float() - eps.float()).pow(2)  # (B, C, T, H, W)
+        others = torch.ones(video.shape[2], dtype=torch.bool, device=video.device)
+        others[self.key] = False
+        loss_res = err[:, :, others].mean()
+        # the parts stay attached to the graph (the trainer detaches what it logs): tests check the stop-gradient
+        return {"loss": loss_base + loss_res, "loss_base": loss_base, "loss_residual": loss_res}
+
+    # --- sampling -------------------------------------------------------------------------------
+
+    def eps_model(self, cond: Conditioning, guidance: float) -> D.Model:
+        """model(x_t, t) -> eps_hat for every frame (eq. 10), classifier-free guided in both generators."""
+        base = self.base.denoiser.guided(cond, guidance)
+        null = torch.ones(len(cond), dtype=torch.bool, device=self.lam.device) if len(cond) else None
+
+        def model(x_t: Tensor, t: Tensor) -> Tensor:
+            eps_base = base(x_t[:, :, self.key], t)  # (B, C, H, W)
+            x_res = self._remove_base(x_t, t, eps_base)
+            r_hat = self._residual(x_res, t, cond, None)
+            if guidance != 0 and null is not None:
+                r_hat = D.cfg_combine(r_hat, self._residual(x_res, t, cond, null), guidance)
+            lam = self._lam(x_t)
+            return lam.sqrt() * eps_base[:, :, None] + (1 - lam).sqrt() * r_hat
+
+        return model
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: Conditioning, *, steps: int, guidance: float,
+               generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
+        like = torch.empty((n, *self.data.video_shape), device=self.lam.device)
+        x_T = self.noise(like, generator)  # the start noise has the decomposed structure too
+        x0 = run_sampler(self.cfg.image_prior.diffusion.sampler, self.eps_model(cond, guidance), x_T, self.alpha_bar,
+                         steps, eta, generator, noise_fn=self.noise)
+        return x0.clamp(-1, 1)

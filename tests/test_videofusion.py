@@ -1,0 +1,70 @@
+"""VideoFusion's decomposed noise and its stop-gradient, checked against the paper's closed forms."""
+
+import pytest
+import torch
+
+from benchmarks.common import build_datamodule, build_method, data_spec
+from benchmarks.config import load_config
+
+
+@pytest.fixture(scope="module")
+def vf():
+    cfg = load_config(["method=videofusion", "scale=test", "method.lam=0.64"])
+    dm = build_datamodule(cfg)
+    torch.manual_seed(0)
+    return build_method(cfg, data_spec(cfg, dm)), dm
+
+
+def test_noise_marginals_and_correlations(vf):
+    method, _ = vf
+    like = torch.empty(4000, 1, 8, 2, 2)
+    eps = method.noise(like, torch.Generator().manual_seed(0))  # (N, 1, T, 2, 2)
+    flat = eps.permute(2, 0, 1, 3, 4).reshape(8, -1)  # (T, samples)
+    corr = torch.corrcoef(flat)
+    k = method.key
+    assert flat.var(1) == pytest.approx(torch.ones(8), abs=0.05)  # every frame's marginal is N(0, 1)
+    lam = method.lam
+    expected = (lam[:, None] * lam[None]).sqrt()  # corr(eps_i, eps_j) = sqrt(lam_i lam_j), i != j
+    off = ~torch.eye(8, dtype=torch.bool)
+    assert torch.allclose(corr[off], expected[off], atol=0.05)
+    assert lam[k] == 1 and torch.allclose(lam[torch.arange(8) != k], torch.tensor(0.64))
+
+
+def test_base_generator_learns_only_from_the_key_frame(vf):
+    method, dm = vf
+    batch = next(iter(dm.loader_for("train", batch_size=2)))
+    method.on_stage_start("video")
+    torch.manual_seed(1)
+    out = method.loss("video", batch)
+    base_params = method.base.trainable_parameters()
+    assert out["loss_residual"].requires_grad
+    grads_res = torch.autograd.grad(out["loss_residual"], base_params, allow_unused=True, retain_graph=True)
+    assert all(g is None or g.abs().sum() == 0 for g in grads_res), "the residual loss reached z_b"
+    res_params = [p for p in method.residual.parameters() if p.requires_grad]
+    grads_r = torch.autograd.grad(out["loss_residual"], res_params, allow_unused=True, retain_graph=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads_r)
+    grads_base = torch.autograd.grad(out["loss_base"], base_params, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads_base)
+
+def test_base_fine_tunes_with_a_smaller_learning_rate(vf):
+    method, _ = vf
+    groups = method.stage_param_groups("video")
+    scales = sorted(g["lr_scale"] for g in groups)
+    assert scales == [method.cfg.base_lr_scale, 1.0]
+    base_ids = {id(p) for p in method.base.parameters()}
+    slow = next(g for g in groups if g["lr_scale"] == method.cfg.base_lr_scale)
+    assert {id(p) for p in slow["params"]} <= base_ids
+
+
+def test_shares_the_image_prior_cache_key_with_cmd():
+    from benchmarks.run import shared_stage_cache
+
+    keys = []
+    for m in ("cmd", "videofusion"):
+        cfg = load_config([f"method={m}", "scale=tiny"])
+        dm = build_datamodule(cfg)
+        method = build_method(cfg, data_spec(cfg, dm))
+        from benchmarks.config import stage_settings
+
+        keys.append(shared_stage_cache(cfg, method, "image_prior", stage_settings(cfg, "image_prior")))
+    assert keys[0] == keys[1], "CMD and VideoFusion must reuse one image prior at the tiny preset"
