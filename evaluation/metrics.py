@@ -1,0 +1,174 @@
+"""FVD, video IS, CLIPSIM and conditional accuracy as torchmetrics `Metric`s (they reduce across DDP ranks).
+
+The metrics consume detector outputs (features, probabilities, embeddings), not videos:
+`evaluation.detectors` turns videos into those. States are gathered features / probabilities
+(`cat`) or float64 sums, so N processes give the same number as one process on the same
+set (IS sorts by the global sample index before its seeded shuffle, so even its splits match).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.special import xlogy
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from evaluation.frechet import COVARIANCES, GaussianStats, fvd_from_stats
+
+
+class FVD(Metric):
+    """Fréchet distance between Gaussian fits of generated and real detector features.
+
+    update(features (B, d), real=False) streams generated (or real) features. The real side
+    may instead be a cached `GaussianStats` given to `set_reference`. covariance: "biased"
+    (divide by N, StyleGAN-V, the default) or "unbiased" (N - 1, VideoGPT / torchmetrics).
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, covariance: str = "biased", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}; got {covariance!r}")
+        self.covariance = covariance
+        self.add_state("fake", default=[], dist_reduce_fx="cat")
+        self.add_state("real", default=[], dist_reduce_fx="cat")
+        self.reference: GaussianStats | None = None
+
+    def update(self, features: Tensor, real: bool = False) -> None:
+        if features.ndim != 2:
+            raise ValueError(f"FVD.update expects features (B, d); got shape {tuple(features.shape)}")
+        (self.real if real else self.fake).append(features.detach().double())
+
+    def set_reference(self, stats: GaussianStats) -> None:
+        """Use precomputed real statistics (e.g. from the on-disk cache) instead of streamed real features."""
+        self.reference = stats
+
+    def _stats(self, which: str) -> GaussianStats:
+        feats = getattr(self, which)
+        if not (isinstance(feats, Tensor) or feats):
+            raise RuntimeError(f"FVD has no {which} features: call update(..., real={which == 'real'}) first")
+        return GaussianStats.from_features(dim_zero_cat(feats))
+
+    def real_stats(self) -> GaussianStats:
+        """Gaussian fit of the streamed real features, gathered from every rank."""
+        with self.sync_context(should_unsync=True):
+            return self._stats("real")
+
+    def compute(self) -> Tensor:
+        real = self.reference if self.reference is not None else self._stats("real")
+        d = fvd_from_stats(self._stats("fake"), real, unbiased=self.covariance == "unbiased")
+        return torch.tensor(d, dtype=torch.float64)
+
+
+def inception_score(probs: np.ndarray, splits: int = 10, shuffle_seed: int | None = 42) -> tuple[float, float]:
+    """StyleGAN-V's video IS of class probabilities (N, K): mean and population std over splits.
+
+    `np.random.RandomState(42).shuffle(probs)`; split i is probs[i*N//splits : (i+1)*N//splits];
+    per split exp(mean_i sum_c p (log p - log mean_i p)). 0 log 0 is taken as 0.
+    """
+    p = np.array(probs, dtype=np.float64)
+    n = p.shape[0]
+    if n < splits:
+        raise ValueError(f"inception score needs at least {splits} samples (one per split); got {n}")
+    if shuffle_seed is not None:
+        np.random.RandomState(shuffle_seed).shuffle(p)
+    scores = []
+    for i in range(splits):
+        part = p[i * n // splits: (i + 1) * n // splits]
+        kl = xlogy(part, part) - xlogy(part, part.mean(axis=0, keepdims=True))
+        scores.append(np.exp(kl.sum(axis=1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+class VideoInceptionScore(Metric):
+    """IS on gathered class probabilities with the StyleGAN-V protocol (seed-42 shuffle, 10 splits).
+
+    update(probs (B, K), index (B,) optional global sample index): with indices, the gathered
+    probabilities are put in index order before the shuffle, so the result does not depend on
+    how samples were sharded across ranks. compute() -> (mean, std).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, splits: int = 10, shuffle_seed: int = 42, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.splits, self.shuffle_seed = splits, shuffle_seed
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+
+    def update(self, probs: Tensor, index: Tensor | None = None) -> None:
+        if probs.ndim != 2:
+            raise ValueError(f"VideoInceptionScore.update expects probabilities (B, K); got {tuple(probs.shape)}")
+        if index is None:
+            index = torch.full((probs.shape[0],), -1, dtype=torch.long, device=probs.device)
+        self.probs.append(probs.detach().double())
+        self.index.append(index.detach().long())
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        p, idx = dim_zero_cat(self.probs), dim_zero_cat(self.index)
+        if bool((idx >= 0).all()):
+            p = p[torch.argsort(idx)]
+        mean, std = inception_score(p.cpu().numpy(), self.splits, self.shuffle_seed)
+        return torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+
+
+class CLIPSIM(Metric):
+    """Mean over videos of the mean over frames of cos(frame embedding, caption embedding); raw, not x100.
+
+    update(frame_emb (B, T, D), text_emb (B, D)).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, frame_emb: Tensor, text_emb: Tensor) -> None:
+        if frame_emb.ndim != 3 or text_emb.ndim != 2 or frame_emb.shape[0] != text_emb.shape[0]:
+            raise ValueError(f"CLIPSIM.update expects (B, T, D) and (B, D); got {tuple(frame_emb.shape)}, "
+                             f"{tuple(text_emb.shape)}")
+        f, t = F.normalize(frame_emb.double(), dim=-1), F.normalize(text_emb.double(), dim=-1)
+        per_video = (f * t[:, None]).sum(-1).mean(1)  # (B,)
+        self.total += per_video.sum()
+        self.count += per_video.numel()
+
+    def compute(self) -> Tensor:
+        return self.total / self.count
+
+
+class ConditionalAccuracy(Metric):
+    """Fraction of class-conditioned samples the evaluator classifies as their conditioning class.
+
+    update(scores (B, K) probabilities or logits, target (B,) the class each sample was conditioned on).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, scores: Tensor, target: Tensor) -> None:
+        if scores.ndim != 2 or target.shape != (scores.shape[0],):
+            raise ValueError(f"ConditionalAccuracy.update expects (B, K) and (B,); got {tuple(scores.shape)}, "
+                             f"{tuple(target.shape)}")
+        self.correct += (scores.argmax(-1) == target.to(scores.device)).sum()
+        self.total += target.numel()
+
+    def compute(self) -> Tensor:
+        return self.correct.double() / self.total
