@@ -35,10 +35,13 @@ def append_row(path: str | Path, row: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(_clean(row), sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # an old crash left a partial line: start a new one
+                line = b"\n" + line
             written = os.write(fd, line)
             if written != len(line):  # cannot happen for regular files short of a full disk
                 raise OSError(f"short write to {path}: {written} of {len(line)} bytes")

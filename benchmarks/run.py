@@ -17,6 +17,7 @@ import resource
 import sys
 import time
 import warnings
+import zipfile
 from datetime import datetime
 from pathlib import Path
 
@@ -25,14 +26,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.common import build_datamodule, build_method, data_spec, git_state, library_versions, real_conditioning
 from benchmarks.config import ConfigError, config_hash, load_config, stage_settings, to_container
+from benchmarks.efficiency import sample_gflops
 from benchmarks.results import append_row
 
 USAGE = __doc__
+RUN_DIR_ENV = "BENCHMARKS_RUN_DIR"  # rank 0 hands its run folder to the DDP workers it launches
 
 
 def make_run_dir(cfg: DictConfig) -> Path:
+    """cfg.run_dir, else runs_root/<method>-<dataset>-<time>; every process of a multi-process run agrees on it."""
     if cfg.run_dir:
         return Path(cfg.run_dir)
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0 and os.environ.get(RUN_DIR_ENV):  # a DDP worker started by rank 0
+        return Path(os.environ[RUN_DIR_ENV])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # tasks start independently: name the folder after the job
+        return Path(cfg.runs_root) / f"{cfg.method.name}-{cfg.dataset.name}-slurm{os.environ['SLURM_JOB_ID']}"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.runs_root) / f"{cfg.method.name}-{cfg.dataset.name}-{stamp}"
     path, k = base, 1
@@ -77,6 +85,7 @@ def train_stages(cfg: DictConfig, method, dm, run_dir: Path) -> dict:
     """Train (or load) every stage in order; returns per-stage records."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.trainer.states import TrainerStatus
 
     from lightning_modules.system import EMA, StageSystem
 
@@ -104,19 +113,23 @@ def train_stages(cfg: DictConfig, method, dm, run_dir: Path) -> dict:
         L.seed_everything(cfg.seed + 1000 * method.stages.index(stage), workers=True, verbose=False)
         system = StageSystem(method, stage, lr=settings["lr"], betas=tuple(settings["betas"]),
                              weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps)
-        callbacks = [ModelCheckpoint(dirpath=str(stage_dir), save_last=True, save_top_k=0,
-                                     every_n_train_steps=max(1, min(settings["max_steps"], cfg.trainer.checkpoint_every_n_steps)))]
+        every = max(1, min(settings["max_steps"], cfg.trainer.checkpoint_every_n_steps))
+        callbacks = [ModelCheckpoint(dirpath=str(stage_dir), save_last=True, save_top_k=0, every_n_train_steps=every)]
         if settings["ema_decay"] > 0:
             callbacks.append(EMA(settings["ema_decay"], cfg.optim.ema_start_step))
         trainer = _trainer(cfg, stage, settings["max_steps"], run_dir, callbacks)
         loader = dm.loader_for("train", shuffle=True, drop_last=True, batch_size=settings["batch_size"], seed=cfg.seed)
-        last = stage_dir / "last.ckpt"
+        if cfg.trainer.strategy == "ddp_spawn":
+            _drop_generators(loader)
+        last = _usable_checkpoint(stage_dir / "last.ckpt")
         print(f"[{stage}] training {rec['params'] / 1e6:.2f}M parameters for {settings['max_steps']} steps"
               + (f" (resuming from {last})" if last.exists() else ""))
         t0 = time.perf_counter()
         trainer.fit(system, train_dataloaders=loader, ckpt_path=str(last) if last.exists() else None)
         seconds = time.perf_counter() - t0
-        if trainer.global_step < settings["max_steps"]:
+        # under ddp_spawn the loop counters stay in the workers; only weights, state and metrics come back
+        steps_done = settings["max_steps"] if cfg.trainer.strategy == "ddp_spawn" else trainer.global_step
+        if trainer.state.status != TrainerStatus.FINISHED or steps_done < settings["max_steps"]:
             raise RuntimeError(f"stage {stage!r} stopped at step {trainer.global_step} of {settings['max_steps']} "
                                f"(interrupted?); re-run with run_dir={run_dir} to resume")
         loss = trainer.callback_metrics.get(f"{stage}/loss")
@@ -132,6 +145,23 @@ def train_stages(cfg: DictConfig, method, dm, run_dir: Path) -> dict:
     return records
 
 
+def _drop_generators(loader) -> None:
+    """ddp_spawn pickles the loader, and a torch.Generator fails to unpickle in the workers (torch 2.13,
+    file-descriptor sharing); Lightning's DistributedSampler (seeded by L.seed_everything) shuffles there instead."""
+    loader.generator = None
+    if hasattr(loader.sampler, "generator"):
+        loader.sampler.generator = None
+
+
+def _usable_checkpoint(path: Path) -> Path:
+    """`path`, or a renamed-away `path` when a kill left it truncated (the stage then restarts from scratch)."""
+    if path.exists() and not zipfile.is_zipfile(path):
+        bad = path.with_name(path.name + ".corrupt")
+        os.replace(path, bad)
+        warnings.warn(f"{path} is not a complete checkpoint (interrupted write?); moved to {bad}", stacklevel=2)
+    return path
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
@@ -140,8 +170,10 @@ def _atomic_save(obj, path: Path) -> None:
 
 def _save_stage(method, stage_dir: Path, record: dict) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_save(method.state_dict(), stage_dir / "final.pt")
-    (stage_dir / "record.json").write_text(json.dumps(record, default=str))
+    tmp = stage_dir / f"record.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(record, default=str))
+    os.replace(tmp, stage_dir / "record.json")
+    _atomic_save(method.state_dict(), stage_dir / "final.pt")  # written last: its presence marks the stage done
 
 
 def sample_videos(cfg: DictConfig, method, dm, n: int, seed: int) -> tuple[torch.Tensor, object, float]:
@@ -168,10 +200,11 @@ def sample_videos(cfg: DictConfig, method, dm, n: int, seed: int) -> tuple[torch
 def write_samples(videos: torch.Tensor, cond, out_dir: Path, fps: int, class_names: list[str]) -> Path:
     """samples/<i>.mp4 (libx264 yuv420p) and a PNG grid (one row per video, 8 frames across)."""
     from datamodules.video_io import write_video
+    from evaluation.detectors import quantize
     from evaluation.grid import save_grid
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    u8 = ((videos.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, C, T, H, W)
+    u8 = quantize(videos)  # (N, C, T, H, W) uint8, the evaluator's own rounding: one rule in the project
     for i, v in enumerate(u8):
         name = f"{i:03d}"
         if cond.label is not None and class_names:
@@ -198,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = make_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
     OmegaConf.save(cfg, run_dir / "config.yaml")
     t_start = time.perf_counter()
     try:
@@ -255,6 +289,7 @@ def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wa
         "stage_seconds": {s: r.get("seconds") for s, r in stages.items()},
         "stage_steps": {s: r["steps"] for s, r in stages.items()},
         "sample_seconds_per_video": sample_seconds, "wall_seconds": wall,
+        "gflops_per_video": sample_gflops(cfg, dm),  # every sampling step and the decoder (benchmarks.efficiency)
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "skipped_videos": sum(dm.dataset(s).skipped for s in dm._datasets),
         **metrics,

@@ -1,0 +1,163 @@
+"""The shared image prior: a 2D diffusion model over single frames of the dataset.
+
+Decomposed methods start their per-frame / content generators from it (CMD's content-frame
+model, VideoFusion's base generator), so it is method-agnostic: it knows images and
+conditions, nothing of videos. It is either
+- a lean 2D UNet (`methods/nets/unet.py`, temporal=False) trained on frames of the dataset, or
+- a diffusers `UNet2DConditionModel` (+ optional `AutoencoderKL`) loaded from a local folder
+  (e.g. Stable Diffusion's `unet/` and `vae/`), then fine-tuned like the lean one.
+With a VAE the prior models x0 = scale * vae.encode(frame) (latent diffusion); without, pixels.
+The framework trains it once and caches its weights by config hash (see `shared_stages`).
+
+Notation: x0 (B, C, H, W) an image in the prior's space, x_t its noised version, eps the noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from methods import diffusion as D
+from methods.base import Conditioning, DataSpec
+from methods.nets.cond_denoiser import CondDenoiser
+from methods.nets.embed import TextEncoderConfig
+from methods.nets.unet import UNet, UNetConfig
+from methods.vdm import DiffusionConfig, run_sampler
+
+
+@dataclass
+class ImagePriorConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)  # the lean 2D UNet (ignored with diffusers_path)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    conditioning: str = "class"  # none | class | text | class+text
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # A local folder holding `unet/` (diffusers UNet2DConditionModel) and optionally `vae/` (AutoencoderKL),
+    # as written by `save_pretrained` (a Stable Diffusion snapshot has both). Nothing is downloaded.
+    diffusers_path: str | None = None
+    latent_scale: float | None = None  # x0 = scale * VAE latent; None: the VAE config's scaling_factor
+    frames_per_video: int = 2  # frames drawn from each training clip per step
+
+
+class DiffusersUNet2D(nn.Module):
+    """diffusers' UNet2DConditionModel behind our (x, t, emb) backbone call; emb is one cross-attention token."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.emb_dim = net.config.cross_attention_dim
+
+    def forward(self, x: Tensor, t: Tensor, emb: Tensor | None = None) -> Tensor:
+        if emb is None:
+            emb = x.new_zeros(x.shape[0], self.emb_dim)
+        return self.net(x, t, encoder_hidden_states=emb[:, None].to(x.dtype)).sample
+
+
+def load_diffusers(path: str) -> tuple[nn.Module, nn.Module | None]:
+    """(UNet2DConditionModel, AutoencoderKL or None) from a local folder; a clear error when missing."""
+    root = Path(path)
+    if not (root / "unet").is_dir():
+        raise FileNotFoundError(
+            f"image prior folder {str(root)!r} has no 'unet/' subfolder "
+            "(config key method.image_prior.diffusers_path): "
+            "give a local folder with a diffusers UNet2DConditionModel saved under unet/ (and optionally an "
+            "AutoencoderKL under vae/), e.g. a Stable Diffusion snapshot")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(root / "unet")
+    vae = AutoencoderKL.from_pretrained(root / "vae") if (root / "vae").is_dir() else None
+    return unet, vae
+
+
+def random_frames(video: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """k random frames of every clip: video (B, C, T, H, W) -> (B * k, C, H, W), clip-major."""
+    B, _, T = video.shape[:3]
+    idx = torch.randint(0, T, (B, k), generator=generator, device=video.device)  # (B, k)
+    frames = video[torch.arange(B, device=video.device)[:, None], :, idx]  # (B, k, C, H, W)
+    return frames.flatten(0, 1)
+
+
+def repeat_conditioning(cond: Conditioning, k: int) -> Conditioning:
+    """Each condition repeated k times in a row (matches `random_frames`' clip-major order)."""
+    return Conditioning(
+        label=None if cond.label is None else cond.label.repeat_interleave(k),
+        text=None if cond.text is None else [t for t in cond.text for _ in range(k)],
+        first_frame=None if cond.first_frame is None else cond.first_frame.repeat_interleave(k, dim=0),
+    )
+
+
+class ImagePrior(nn.Module):
+    """A conditional 2D diffusion model eps_theta(x_t, t, c) over images (B, C, H, W)."""
+
+    Config = ImagePriorConfig
+
+    def __init__(self, cfg: ImagePriorConfig, data: DataSpec) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vae: nn.Module | None = None
+        if cfg.diffusers_path:
+            unet, vae = load_diffusers(cfg.diffusers_path)
+            backbone: nn.Module = DiffusersUNet2D(unet)
+            if vae is not None:
+                self.vae = vae.eval().requires_grad_(False)
+                self.latent_scale = cfg.latent_scale or vae.config.scaling_factor
+                down = 2 ** (len(vae.config.block_out_channels) - 1)
+                self.image_shape = (vae.config.latent_channels, data.height // down, data.width // down)
+            else:
+                self.image_shape = (data.channels, data.height, data.width)
+            if unet.config.in_channels != self.image_shape[0]:
+                raise ValueError(f"the diffusers UNet in {cfg.diffusers_path} takes {unet.config.in_channels} "
+                                 f"channels; the prior's images have {self.image_shape[0]}")
+        else:
+            self.image_shape = (data.channels, data.height, data.width)
+            backbone = UNet(data.channels, data.channels, cfg.unet, temporal=False)
+        self.denoiser = CondDenoiser(backbone, backbone.emb_dim, cfg.conditioning, data.num_classes, cfg.text)
+        self.register_buffer("alpha_bar", D.alpha_bar_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps),
+                             persistent=False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The denoiser's trainable parameters (a VAE and a CLIP text encoder stay frozen)."""
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    # --- the space the prior models -----------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Pixels (B, C, H, W) in [-1, 1] -> x0 in the prior's space (VAE latents when it has a VAE)."""
+        if self.vae is None:
+            return images
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean * self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, x0: Tensor) -> Tensor:
+        """x0 in the prior's space -> pixels (B, C, H, W) in [-1, 1]."""
+        if self.vae is None:
+            return x0.clamp(-1, 1)
+        return self.vae.decode(x0.to(self.vae.dtype) / self.latent_scale).sample.clamp(-1, 1)
+
+    # --- training and sampling ----------------------------------------------------------------
+
+    def loss(self, x0: Tensor, cond: Conditioning) -> Tensor:
+        """Scalar simple diffusion loss on x0 (B, C, H, W) in the prior's space (see `encode`), CFG dropout on."""
+        n = x0.shape[0]
+        t = D.sample_timesteps(n, len(self.alpha_bar), x0.device)
+        drop = self.denoiser.random_drop(n, self.cfg.diffusion.cond_drop_prob, x0.device)
+        per_sample = D.diffusion_loss(lambda x_t, tt: self.denoiser(x_t, tt, cond, drop), x0, t, self.alpha_bar,
+                                      torch.randn_like(x0), self.cfg.diffusion.objective)
+        return per_sample.mean()
+
+    def eps_model(self, cond: Conditioning | None, guidance: float) -> D.Model:
+        """model(x_t, t) -> eps with classifier-free guidance weight `guidance`."""
+        return D.as_eps_model(self.denoiser.guided(cond, guidance), self.alpha_bar, self.cfg.diffusion.objective)
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: Conditioning | None, *, steps: int, guidance: float,
+               generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
+        """n images x0 (n, *image_shape) in the prior's space (use `decode` for pixels)."""
+        device = self.alpha_bar.device
+        x_T = torch.randn((n, *self.image_shape), generator=generator, device=device)
+        x0 = run_sampler(self.cfg.diffusion.sampler, self.eps_model(cond, guidance), x_T, self.alpha_bar, steps, eta,
+                         generator)
+        return x0 if self.vae is not None else x0.clamp(-1, 1)

@@ -1,0 +1,280 @@
+"""PVDM: projected latent video diffusion (Yu et al., CVPR 2023, arXiv 2302.07685; official sihyun-yu/PVDM).
+
+Notation (paper section 3; per clip of T frames, h = H / patch, w = W / patch, c latent channels):
+    x        (C, T, H, W)   a clip
+    u        (D, T, h, w)   space-time (TimeSformer) encoder features
+    z_s      (c, h, w)      tanh(1x1 conv(f_s(u))): a learned summary token attends over t at each (h, w)
+    z_h      (c, T, w)      the same over h at each (t, w)
+    z_w      (c, T, h)      the same over w at each (t, h)
+    z        (c, h*w + T*w + T*h)  the three planes flattened and concatenated: the diffusion target
+    x_hat    decoder(g_s(z_s) + g_h(z_h) + g_w(z_w)): each plane 1x1-convolved back to D channels and
+             broadcast over its missing axis, the three summed (the official code; the paper's text
+             reads as a concatenation), a TimeSformer decoder, a per-frame ConvTranspose2d, 2 sigmoid - 1
+Stages: autoencoder (L1; the paper adds LPIPS and a 2D+3D PatchGAN, off here: no perceptual network
+ships with the framework) -> diffusion (eps-prediction, MSE, over z with one 2D UNet shared by the
+three planes and a cross-plane attention after every block, methods/nets/triplane.py).
+Long videos: the denoiser sees [z_t, z_prev] with z_prev the previous clip's latent or zeros; in
+training a clip is conditioned on the clip before it with probability `cond_prob` (0.3 in the code).
+A dataset item of data.frames frames holds data.frames / clip_frames clips (by default two: the first
+half is the "previous" clip of the second); `sample` chains that many clips, so it returns data.frames
+frames like every other method; `sample_long` chains any number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from methods import diffusion as D
+from methods.base import Conditioning, DataSpec, VideoBatch, VideoGenerator
+from methods.nets.cond_denoiser import CondDenoiser
+from methods.nets.embed import TextEncoderConfig
+from methods.nets.transformer import SpaceTimeTransformer
+from methods.nets.triplane import PLANES, AxisSummary, Triplane, TriplaneUNet
+from methods.nets.unet import UNetConfig
+from methods.vdm import DiffusionConfig
+
+
+@dataclass
+class AutoencoderConfig:
+    width: int = 384  # D, the token width
+    depth: int = 8  # encoder blocks (divided space-time attention)
+    decoder_depth: int | None = None  # None: same as depth
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    patch: int = 8  # h = H / patch, w = W / patch (8 at 256x256, 4 at 128x128 in the code)
+    latent_channels: int = 4  # c, channels of every plane
+    proj_depth: int = 4  # blocks of each axis-summary transformer
+
+
+@dataclass
+class PVDMConfig:
+    name: str = "pvdm"
+    clip_frames: int = 0  # frames per clip the autoencoder and denoiser see; 0: data.frames // 2
+    cond_prob: float = 0.3  # training clips conditioned on the previous clip's latent (0.2 for SkyTimelapse)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)  # the 2D UNet shared by the three planes
+    cross_attention: bool = True  # attention over the joined planes after every block; False: planes independent
+    conditioning: str = "class"  # none | class | text | class+text
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(schedule="ldm_linear"))
+    clip_x0: float | None = 1.0  # clamp the predicted z0 to tanh's range while sampling (the code's clip_denoised)
+
+
+# --- autoencoder -------------------------------------------------------------------------------
+
+
+class TriplaneAutoencoder(nn.Module):
+    """Clip x (B, C, T, H, W) <-> tri-plane latent z (B, c, h*w + T*w + T*h)."""
+
+    def __init__(self, cfg: AutoencoderConfig, channels: int, layout: Triplane) -> None:
+        super().__init__()
+        self.layout = layout
+        d, p, c = cfg.width, cfg.patch, cfg.latent_channels
+        self.patch = p
+        # encoder: patches -> u -> three axis summaries -> c channels, tanh
+        self.patch_embed = nn.Conv2d(channels, d, p, stride=p)
+        self.encoder = SpaceTimeTransformer(d, cfg.depth, cfg.heads, cfg.mlp_ratio)
+        self.summary = nn.ModuleList(AxisSummary(d, cfg.proj_depth, cfg.heads, cfg.mlp_ratio) for _ in PLANES)
+        self.to_latent = nn.ModuleList(nn.Conv2d(d, c, 1) for _ in PLANES)
+        # decoder: planes -> D channels, broadcast, summed -> TimeSformer -> pixels
+        self.from_latent = nn.ModuleList(nn.Conv2d(c, d, 1) for _ in PLANES)
+        self.decoder = SpaceTimeTransformer(d, cfg.depth if cfg.decoder_depth is None else cfg.decoder_depth,
+                                            cfg.heads, cfg.mlp_ratio)
+        self.unpatch = nn.ConvTranspose2d(d, channels, p, stride=p)
+
+    def features(self, x: Tensor) -> Tensor:
+        """x (B, C, T, H, W) -> u (B, D, T, h, w)."""
+        T, H, W = x.shape[2:]
+        p = self.patch
+        if H % p or W % p or Triplane(T, H // p, W // p) != self.layout:
+            raise ValueError(f"clip of {T}x{H}x{W} does not match the autoencoder's grid {self.layout} "
+                             f"with patch {self.patch}")
+        tokens = self.patch_embed(rearrange(x, "b c t h w -> (b t) c h w"))  # (B*T, D, h, w)
+        tokens = rearrange(tokens, "(b t) d h w -> b t (h w) d", t=T)
+        u = self.encoder(tokens, (self.layout.height, self.layout.width))  # (B, T, h*w, D)
+        return rearrange(u, "b t (h w) d -> b d t h w", h=self.layout.height)
+
+    def project(self, u: Tensor) -> list[Tensor]:
+        """u (B, D, T, h, w) -> planes [z_s (B, c, h, w), z_h (B, c, T, w), z_w (B, c, T, h)] in (-1, 1)."""
+        B, _, T, h, w = u.shape
+        s = self.summary[0](rearrange(u, "b d t h w -> (b h w) t d"))  # over t at each (h, w)     (B*h*w, D)
+        hh = self.summary[1](rearrange(u, "b d t h w -> (b t w) h d"))  # over h at each (t, w)    (B*T*w, D)
+        ww = self.summary[2](rearrange(u, "b d t h w -> (b t h) w d"))  # over w at each (t, h)    (B*T*h, D)
+        planes = [rearrange(s, "(b h w) d -> b d h w", b=B, h=h),
+                  rearrange(hh, "(b t w) d -> b d t w", b=B, t=T),
+                  rearrange(ww, "(b t h) d -> b d t h", b=B, t=T)]
+        return [torch.tanh(conv(p)) for conv, p in zip(self.to_latent, planes)]
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x (B, C, T, H, W) -> z (B, c, L)."""
+        return self.layout.join(self.project(self.features(x)))
+
+    def lift(self, planes: list[Tensor]) -> Tensor:
+        """Planes -> the decoder's input volume (B, D, T, h, w): each lifted to D channels, broadcast, summed."""
+        s, hh, ww = (conv(p) for conv, p in zip(self.from_latent, planes))
+        return s[:, :, None] + hh[:, :, :, None, :] + ww[:, :, :, :, None]  # (B, D, T, h, w)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z (B, c, L) -> x_hat (B, C, T, H, W) in (-1, 1)."""
+        v = self.lift(self.layout.split(z))
+        T, h, w = v.shape[2:]
+        tokens = self.decoder(rearrange(v, "b d t h w -> b t (h w) d"), (h, w))
+        out = self.unpatch(rearrange(tokens, "b t (h w) d -> (b t) d h w", h=h))  # (B*T, C, H, W)
+        return 2 * torch.sigmoid(rearrange(out, "(b t) c h w -> b c t h w", t=T)) - 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+
+# --- the method --------------------------------------------------------------------------------
+
+
+class PVDM(VideoGenerator):
+    """Tri-plane autoencoder + shared-weight 2D UNet diffusion over the planes; stages autoencoder, diffusion."""
+
+    Config = PVDMConfig
+    stages = ("autoencoder", "diffusion")
+
+    def __init__(self, cfg: PVDMConfig, data: DataSpec) -> None:
+        super().__init__(data)
+        self.cfg = cfg
+        T = cfg.clip_frames or data.frames // 2
+        p = cfg.autoencoder.patch
+        if T < 1 or data.frames % T:
+            raise ValueError(f"method.clip_frames={cfg.clip_frames} (clip of {T} frames) must divide the "
+                             f"dataset's {data.frames} frames")
+        if not 0 <= cfg.cond_prob <= 1:
+            raise ValueError(f"method.cond_prob must be in [0, 1], got {cfg.cond_prob}")
+        if cfg.cond_prob > 0 and data.frames < 2 * T:
+            raise ValueError(f"clip-conditional training (method.cond_prob={cfg.cond_prob}) needs two clips per "
+                             f"dataset item: method.clip_frames={T} is more than half of {data.frames} frames; "
+                             "lower it or set method.cond_prob=0")
+        if data.height % p or data.width % p:
+            raise ValueError(f"frame size {data.height}x{data.width} is not divisible by method.autoencoder.patch={p}")
+        self.layout = Triplane(T, data.height // p, data.width // p)
+        c = cfg.autoencoder.latent_channels
+        self.autoencoder = TriplaneAutoencoder(cfg.autoencoder, data.channels, self.layout)
+        backbone = TriplaneUNet(2 * c, c, cfg.unet, self.layout, cfg.cross_attention)  # input [z_t, z_prev]
+        self.denoiser = CondDenoiser(backbone, backbone.emb_dim, cfg.conditioning, data.num_classes, cfg.text)
+        self.register_buffer("alpha_bar", D.alpha_bar_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps),
+                             persistent=False)
+
+    @property
+    def clip_frames(self) -> int:
+        return self.layout.frames
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """(c, L) of one clip's z."""
+        return (self.cfg.autoencoder.latent_channels, self.layout.length)
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        self.check_stage(stage)
+        module = self.autoencoder if stage == "autoencoder" else self.denoiser
+        return [p for p in module.parameters() if p.requires_grad]
+
+    # --- clips -------------------------------------------------------------------------------------
+
+    def split_clips(self, video: Tensor) -> Tensor:
+        """video (B, C, k*T, H, W) -> its k consecutive clips (B*k, C, T, H, W)."""
+        return rearrange(video, "b c (k t) h w -> (b k) c t h w", t=self.clip_frames)
+
+    def training_clips(self, video: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(current (B, C, T, H, W), previous (B, C, T, H, W), conditioned (B,) bool) from items (B, C, F, H, W).
+
+        A conditioned row's current clip starts at s >= T and its previous clip is frames [s - T, s)
+        (with F = 2T: the second half and the first half); any other row's clip is a random window
+        [s, s + T) of the item, s uniform in [0, F - T] (the official code's random prefix).
+        """
+        B, F, T = video.shape[0], video.shape[2], self.clip_frames
+        conditioned = torch.rand(B, device=video.device) < self.cfg.cond_prob
+        lo = conditioned.long() * T
+        start = lo + (torch.rand(B, device=video.device) * (F - T - lo + 1)).long()  # uniform in [lo, F - T]
+        starts = start.tolist()
+        current = torch.stack([v[:, s: s + T] for v, s in zip(video, starts)])
+        previous = torch.stack([v[:, max(s - T, 0): max(s - T, 0) + T] for v, s in zip(video, starts)])
+        return current, previous, conditioned
+
+    @torch.no_grad()
+    def encode(self, clip: Tensor) -> Tensor:
+        """clip (B, C, T, H, W) -> z (B, c, L) with the (frozen) autoencoder."""
+        return self.autoencoder.encode(clip).float()
+
+    # --- losses ------------------------------------------------------------------------------------
+
+    def loss(self, stage: str, batch: VideoBatch) -> dict[str, Tensor]:
+        self.check_stage(stage)
+        video = batch.video  # (B, C, F, H, W)
+        if stage == "autoencoder":
+            x = self.split_clips(video)  # every clip of every item                  (B*k, C, T, H, W)
+            l1 = (self.autoencoder(x).float() - x.float()).abs().mean()  # L1 (LPIPS / GAN off)
+            return {"loss": l1, "l1": l1.detach()}
+        current, previous, conditioned = self.training_clips(video)
+        z = self.encode(current)  # (B, c, L)
+        z_prev = torch.zeros_like(z)
+        if conditioned.any():
+            z_prev[conditioned] = self.encode(previous[conditioned])
+        cond = Conditioning.from_batch(batch)
+        n = z.shape[0]
+        t = D.sample_timesteps(n, len(self.alpha_bar), z.device)
+        drop = self.denoiser.random_drop(n, self.cfg.diffusion.cond_drop_prob, z.device)
+        per_sample = D.diffusion_loss(lambda z_t, tt: self.denoiser(torch.cat([z_t, z_prev], dim=1), tt, cond, drop),
+                                      z, t, self.alpha_bar, torch.randn_like(z), self.cfg.diffusion.objective)
+        return {"loss": per_sample.mean(), "conditioned": conditioned.float().mean()}
+
+    # --- sampling ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_latent(self, n: int, cond: Conditioning, z_prev: Tensor | None, *, steps: int, guidance: float,
+                      generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
+        """One clip's z (n, c, L) by DDIM (or DDPM) with CFG on the class/caption, given the previous clip's
+        z_prev (n, c, L) or None (zeros: an unconditioned first clip)."""
+        z_T = torch.randn((n, *self.latent_shape), generator=generator, device=self.device)
+        z_prev = torch.zeros_like(z_T) if z_prev is None else z_prev.to(z_T)
+        guided = self.denoiser.guided(cond, guidance)
+        obj = self.cfg.diffusion.objective
+        model = D.as_eps_model(lambda z_t, t: guided(torch.cat([z_t, z_prev.to(z_t.dtype)], dim=1), t),
+                               self.alpha_bar, obj)
+        sampler = self.cfg.diffusion.sampler
+        if sampler == "ddim":
+            z = D.ddim_sample(model, z_T, self.alpha_bar, steps, eta=eta, generator=generator, clip_x0=self.cfg.clip_x0)
+        elif sampler == "ddpm":
+            z = D.ddpm_sample(model, z_T, self.alpha_bar, generator=generator)
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
+        return z.float().clamp(-1, 1)  # z lives in tanh's range
+
+    @torch.no_grad()
+    def sample_long(self, n: int, cond: Conditioning, clips: int, *, steps: int, guidance: float,
+                    generator: torch.Generator | None = None, eta: float = 0.0,
+                    context: Tensor | None = None) -> Tensor:
+        """n videos of `clips` clips (n, C, clips * T, H, W) in [-1, 1], generated clip by clip.
+
+        Each clip is conditioned on the previous clip's z; the first on zeros, or on the encoded
+        `context` clip (n, C, T, H, W) when given (the video then continues it; context not returned).
+        """
+        if clips < 1:
+            raise ValueError(f"clips must be >= 1, got {clips}")
+        z_prev = None if context is None else self.encode(context.to(self.device))
+        out = []
+        for _ in range(clips):
+            z_prev = self.sample_latent(n, cond, z_prev, steps=steps, guidance=guidance, generator=generator, eta=eta)
+            out.append(self.autoencoder.decode(z_prev).float())
+        return torch.cat(out, dim=2).clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: Conditioning, *, steps: int, guidance: float,
+               generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
+        """n videos (n, C, data.frames, H, W): data.frames / clip_frames clips chained by `sample_long`."""
+        return self.sample_long(n, cond, self.data.frames // self.clip_frames, steps=steps, guidance=guidance,
+                                generator=generator, eta=eta)
+
+    def reconstruct(self, video: Tensor) -> Tensor:
+        """video (B, C, F, H, W) -> its autoencoder reconstruction, clip by clip (for R-FVD)."""
+        with torch.no_grad():
+            x_hat = self.autoencoder(self.split_clips(video))
+        return rearrange(x_hat.float(), "(b k) c t h w -> b c (k t) h w", b=video.shape[0]).clamp(-1, 1)
