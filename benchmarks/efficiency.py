@@ -7,6 +7,8 @@ Own options: methods=a,b (default: every method in methods.METHODS), out=DIR (de
 results/efficiency), repeats=N (timed repetitions, default 1), timing=auto|on|off (auto: on,
 except scale=paper without a GPU), train=true|false (per-stage training cost). Everything else
 is a run-config override applied to every method (dataset=, dataset.resolution=, sample.steps=, ...).
+Every method runs at the same dataset.resolution and dataset.frames (the first method's, VDM's
+when it is measured), so the comparison is at matched resolution and frames.
 
 What is measured, per method (each in its own subprocess, so memory peaks do not mix):
 - parameters: total, per stage, and per network (the method's direct child modules);
@@ -274,12 +276,14 @@ def _freeze_for(method, stage: str) -> list:
     return params
 
 
-def _flops(build, cfg, cond, batches: dict, stages: list[str], meta_model=None) -> dict:
+def _flops(build, cfg, cond, batches: dict, stages: list[str], meta_model=None, cheap: bool = False) -> dict:
     """FLOPs of one sample(1, ...) call (total and per network) and of one training step per stage.
 
     Each part is traced on `meta_model` (built on the meta device) when given; a part whose code
     needs data (e.g. boolean-mask indexing) is run for real on the CPU instead (a model from
-    `build()`; None: no fallback) and named in `real`.
+    `build()`; None: no fallback) and named in `real`. With `cheap` (paper sizes on a CPU) that
+    real run is shortened: sampling is counted at 1 and 2 steps and extrapolated linearly to the
+    configured steps; a training step is counted at batch size 1 and multiplied by the batch size.
     """
     import torch
 
@@ -291,37 +295,51 @@ def _flops(build, cfg, cond, batches: dict, stages: list[str], meta_model=None) 
             models[device] = build()
         return models[device]
 
-    def sample(m, device):
+    def sample(m, device, steps=cfg.sample.steps):
         m.eval()
         with count_flops(_owners(m)) as (counter, per_net):
-            m.sample(1, cond.to(device), steps=cfg.sample.steps, guidance=cfg.sample.guidance,
-                     generator=None, eta=cfg.sample.eta)
+            m.sample(1, cond.to(device), steps=steps, guidance=cfg.sample.guidance, generator=None,
+                     eta=cfg.sample.eta)
         return {"total": counter.get_total_flops(), "networks": dict(per_net)}
 
-    def train_step(m, device, stage):
+    def sample_extrapolated(m, device):
+        one, two, n = sample(m, device, 1), sample(m, device, 2), cfg.sample.steps
+        line = lambda a, b: a + (n - 1) * (b - a)  # noqa: E731 - every step costs the same
+        nets = {k: line(one["networks"].get(k, 0), two["networks"].get(k, 0)) for k in two["networks"]}
+        return {"total": line(one["total"], two["total"]), "networks": nets}
+
+    def train_step(m, device, stage, batch=None):
         m.train()
         _freeze_for(m, stage)
         try:
             with count_flops() as (counter, _):
-                m.loss(stage, batches[stage].to(device))["loss"].backward()
+                m.loss(stage, (batch or batches[stage]).to(device))["loss"].backward()
         finally:
             m.zero_grad(set_to_none=True)
         return counter.get_total_flops()
 
-    parts = [("sample", sample)] + [(f"training:{s}", lambda m, d, s=s: train_step(m, d, s)) for s in stages]
-    for name, fn in parts:
+    def train_step_batch1(m, device, stage):
+        b = batches[stage]
+        one = type(b)(video=b.video[:1], label=None if b.label is None else b.label[:1],
+                      text=None if b.text is None else b.text[:1])
+        return train_step(m, device, stage, one) * len(b)
+
+    parts = [("sample", sample, sample_extrapolated, "sample (counted at 1 and 2 steps, extrapolated)")]
+    parts += [(f"training:{s}", lambda m, d, s=s: train_step(m, d, s), lambda m, d, s=s: train_step_batch1(m, d, s),
+               f"training:{s} (counted at batch 1, x batch size)") for s in stages]
+    for name, fn, cheap_fn, cheap_name in parts:
         devices = (["meta"] if meta_model is not None else []) + (["cpu"] if build is not None else [])
         for device in devices:
             try:
                 with torch.no_grad() if name == "sample" else nullcontext():
-                    value = fn(model_on(device), device)
+                    value = (cheap_fn if cheap and device == "cpu" else fn)(model_on(device), device)
                 break
             except Exception as e:  # noqa: BLE001 - meta cannot trace data-dependent code: run it for real
                 if device == devices[-1]:
                     raise
                 out["errors"].append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
         if device == "cpu":
-            out["real"].append(name)
+            out["real"].append(cheap_name if cheap else name)
         if name == "sample":
             out["sample"] = value
         else:
@@ -389,7 +407,7 @@ def measure(method_name: str, overrides: list[str], repeats: int = 1, timing: st
     batch_sizes = {s: stage_settings(cfg, s)["batch_size"] for s in stages}
     cond, _ = _inputs(cfg, shaped, dm, 1)
     batches = {s: _inputs(cfg, shaped, dm, b)[1] for s, b in batch_sizes.items()}
-    flops = _flops(build, cfg, cond, batches, stages, probe)
+    flops = _flops(build, cfg, cond, batches, stages, probe, cheap=not timed)
     res["flops_method"] = ("traced on the meta device" if not flops["real"] else
                            "run on cpu" if probe is None else f"meta trace; run on cpu: {', '.join(flops['real'])}")
     if flops["errors"]:
@@ -610,6 +628,18 @@ def _parse(argv: list[str]) -> tuple[dict, list[str]]:
     return opts, rest
 
 
+def matched_shape(method: str, overrides: list[str]) -> list[str]:
+    """Overrides pinning every method to the first one's resolution and frames (unless given explicitly)."""
+    from benchmarks.config import ConfigError, load_config
+
+    given = {o.split("=", 1)[0] for o in overrides}
+    try:
+        ds = load_config([f"method={method}", *overrides]).dataset
+    except ConfigError:
+        return []  # the worker reports the error
+    return [f"dataset.{k}={getattr(ds, k)}" for k in ("resolution", "frames") if f"dataset.{k}" not in given]
+
+
 def _measure_in_subprocess(method: str, argv: list[str]) -> dict:
     """`measure` in a fresh interpreter: memory peaks of one method cannot leak into another's."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -643,6 +673,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; registered: {', '.join(METHODS)}")
     methods = sorted(methods, key=lambda m: m != BASELINE)  # the baseline first
+    argv = argv + matched_shape(methods[0], rest)
     results = []
     for m in methods:
         t0 = time.perf_counter()

@@ -64,6 +64,18 @@ def test_meta_trace_counts_what_a_real_run_counts(name):
     assert traced["sample"] == real["sample"] and traced["sample"]["total"] > 0
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_shortened_count_for_paper_sizes_matches_the_full_count(name):
+    cfg, dm, build = _setup(name, "sample.steps=4")
+    model = build()
+    cond, batch = eff._inputs(cfg, model, dm, 3)
+    batches = {s: batch for s in model.stages}
+    full = eff._flops(build, cfg, cond, batches, list(model.stages))
+    cheap = eff._flops(build, cfg, cond, batches, list(model.stages), cheap=True)  # 1 and 2 steps; batch 1
+    assert cheap["sample"]["total"] == full["sample"]["total"] and cheap["train"] == full["train"]
+    assert len(cheap["real"]) == 1 + len(model.stages) and "extrapolated" in cheap["real"][0]
+
+
 def test_every_sampling_step_and_the_cfg_batch_are_counted():
     cfg, dm, build = _setup("vdm", "sample.guidance=1.0")
     model = build()
