@@ -23,7 +23,11 @@ What is measured, per method (each in its own subprocess, so memory peaks do not
   increase over the loaded model (weights excluded), read from VmHWM after resetting it through
   /proc/self/clear_refs (or a ru_maxrss difference, a lower bound, where that is unavailable);
 - training, per stage: FLOPs of one forward + backward at the stage's batch size, seconds per
-  optimiser step (AdamW) and the peak memory of those steps.
+  optimiser step (AdamW) and the peak memory of those steps (a stage with random per-sample
+  branches, e.g. PVDM's clip-conditional training, costs a little differently each step: one draw).
+Untimed on a CPU (scale=paper), a part that cannot trace on meta is counted on a shortened real
+run (1 and 2 sampling steps extrapolated; a training step at batch 1 times the batch size) and
+the `flops_method` column says so.
 Outputs in out/: efficiency.csv (one row per method, ratios vs VDM in their own columns),
 efficiency_parts.csv (per network and per stage), efficiency_reported.csv (the papers' numbers
 beside ours), efficiency.png (bar charts); the main table is printed as Markdown.

@@ -185,10 +185,17 @@ def run_sweep(spec: SweepSpec, extra: list[str] | None = None, *, jobs: int = 1,
     command = command or [sys.executable, "-m", "benchmarks.run"]
     planned = plan(spec, list(extra or []))
     done = completed_hashes({j.results for j in planned if not j.error})
-    todo = [j for j in planned if not j.error and j.config_sha256 not in done]
+    distinct: dict[str, Job] = {}  # one job per distinct config, in sweep order
+    for j in planned:
+        if not j.error and j.config_sha256 not in done:
+            distinct.setdefault(j.config_sha256, j)
+    todo = list(distinct.values())
     invalid = [j for j in planned if j.error]
-    print(f"sweep {spec.name}: {len(planned)} jobs, {len(planned) - len(todo) - len(invalid)} already done, "
-          f"{len(todo)} to run" + (f", {len(invalid)} with config errors" if invalid else "")
+    valid = {j.config_sha256 for j in planned if not j.error}
+    print(f"sweep {spec.name}: {len(planned)} jobs" + (f" ({len(valid)} distinct configs)" if len(valid) <
+                                                         len(planned) - len(invalid) else "")
+          + f", {len(valid & done)} already done, {len(todo)} to run"
+          + (f", {len(invalid)} with config errors" if invalid else "")
           + (f" ({jobs} at a time)" if jobs > 1 and todo else ""))
     if dry_run:
         for j in planned:

@@ -79,7 +79,12 @@ def test_spec_errors_name_the_fix(tmp_path):
 def test_every_sweep_file_resolves_every_job(path, tmp_path):
     jobs = sweep.plan(sweep.load_sweep(path.stem), _extra(tmp_path))
     assert jobs and all(not j.error for j in jobs), [j.error for j in jobs if j.error]
-    assert len({j.config_sha256 for j in jobs}) == len(jobs)  # no two jobs are the same run
+
+
+def test_jobs_with_the_same_config_run_once(tmp_path, fake):
+    path = _spec(tmp_path, "base: [method=vdm]\nlist: [[], [seed=0], [seed=1]]\n")  # seed=0 is the default
+    counts = sweep.run_sweep(sweep.load_sweep(str(path)), _extra(tmp_path), command=fake)
+    assert counts["ran"] == 2 and len(read_rows(tmp_path / "results.jsonl")) == 2
 
 
 def test_an_interrupted_sweep_runs_only_the_missing_jobs(tmp_path, fake, monkeypatch):
