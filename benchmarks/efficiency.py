@@ -280,11 +280,12 @@ def _freeze_for(method, stage: str) -> list:
     return params
 
 
-def _flops(build, cfg, cond, batches: dict, stages: list[str], meta_model=None, cheap: bool = False) -> dict:
+def _flops(build, cfg, cond, batches: dict, stages: list[str], meta_model=None, cheap: bool = False,
+           real_device: str = "cpu") -> dict:
     """FLOPs of one sample(1, ...) call (total and per network) and of one training step per stage.
 
     Each part is traced on `meta_model` (built on the meta device) when given; a part whose code
-    needs data (e.g. boolean-mask indexing) is run for real on the CPU instead (a model from
+    needs data (e.g. boolean-mask indexing) is run for real on `real_device` instead (a model from
     `build()`; None: no fallback) and named in `real`. With `cheap` (paper sizes on a CPU) that
     real run is shortened: sampling is counted at 1 and 2 steps and extrapolated linearly to the
     configured steps; a training step is counted at batch size 1 and multiplied by the batch size.
@@ -296,7 +297,7 @@ def _flops(build, cfg, cond, batches: dict, stages: list[str], meta_model=None, 
 
     def model_on(device: str):
         if models.get(device) is None:
-            models[device] = build()
+            models[device] = build().to(device)
         return models[device]
 
     def sample(m, device, steps=cfg.sample.steps):
@@ -332,17 +333,17 @@ def _flops(build, cfg, cond, batches: dict, stages: list[str], meta_model=None, 
     parts += [(f"training:{s}", lambda m, d, s=s: train_step(m, d, s), lambda m, d, s=s: train_step_batch1(m, d, s),
                f"training:{s} (counted at batch 1, x batch size)") for s in stages]
     for name, fn, cheap_fn, cheap_name in parts:
-        devices = (["meta"] if meta_model is not None else []) + (["cpu"] if build is not None else [])
+        devices = (["meta"] if meta_model is not None else []) + ([real_device] if build is not None else [])
         for device in devices:
             try:
                 with torch.no_grad() if name == "sample" else nullcontext():
-                    value = (cheap_fn if cheap and device == "cpu" else fn)(model_on(device), device)
+                    value = (cheap_fn if cheap and device != "meta" else fn)(model_on(device), device)
                 break
             except Exception as e:  # noqa: BLE001 - meta cannot trace data-dependent code: run it for real
                 if device == devices[-1]:
                     raise
                 out["errors"].append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-        if device == "cpu":
+        if device != "meta":
             out["real"].append(cheap_name if cheap else name)
         if name == "sample":
             out["sample"] = value
@@ -351,18 +352,29 @@ def _flops(build, cfg, cond, batches: dict, stages: list[str], meta_model=None, 
     return out
 
 
+def on_meta(build):
+    """`build()` on the meta device: weights without storage, so paper sizes cost nothing to trace.
+
+    The final `.to("meta")` catches tensors a constructor made outside the device context (it
+    happens after transformers has loaded a model in the same process, which leaves factory
+    functions such as `torch.linspace` on the CPU for buffers like a noise schedule).
+    """
+    import torch
+
+    with torch.device("meta"):
+        return build().to("meta")
+
+
 def sample_gflops(cfg, dm) -> float | None:
     """GFLOPs of one generated video, traced on the meta device (the results row's `gflops_per_video`).
 
     Cheap (no arithmetic, no weights); None where a method cannot be traced on meta.
     """
-    import torch
 
     from benchmarks.common import build_method, data_spec, real_conditioning
 
     try:
-        with torch.device("meta"):
-            method = build_method(cfg, data_spec(cfg, dm))
+        method = on_meta(lambda: build_method(cfg, data_spec(cfg, dm)))
         cond = real_conditioning(dm, 1, "val", first_frame=method.image_to_video)
         return _flops(None, cfg, cond, {}, [], method)["sample"]["total"] / 1e9
     except Exception:  # noqa: BLE001 - a cost figure must never fail a run
@@ -402,8 +414,7 @@ def measure(method_name: str, overrides: list[str], repeats: int = 1, timing: st
         return build_method(cfg, spec)
 
     try:
-        with torch.device("meta"):
-            probe = build()
+        probe = on_meta(build)
     except Exception:  # noqa: BLE001 - a method that cannot be built on meta is built for real below
         probe = None
     shaped = probe if probe is not None else build()  # what the inputs must look like
@@ -411,9 +422,9 @@ def measure(method_name: str, overrides: list[str], repeats: int = 1, timing: st
     batch_sizes = {s: stage_settings(cfg, s)["batch_size"] for s in stages}
     cond, _ = _inputs(cfg, shaped, dm, 1)
     batches = {s: _inputs(cfg, shaped, dm, b)[1] for s, b in batch_sizes.items()}
-    flops = _flops(build, cfg, cond, batches, stages, probe, cheap=not timed)
-    res["flops_method"] = ("traced on the meta device" if not flops["real"] else
-                           "run on cpu" if probe is None else f"meta trace; run on cpu: {', '.join(flops['real'])}")
+    flops = _flops(build, cfg, cond, batches, stages, probe, cheap=not timed, real_device=device.type)
+    res["flops_method"] = ("traced on the meta device" if not flops["real"] else f"run on {device.type}"
+                           if probe is None else f"meta trace; run on {device.type}: {', '.join(flops['real'])}")
     if flops["errors"]:
         res["flops_note"] = "; ".join(flops["errors"])
     model = probe if probe is not None and not timed else build()
