@@ -10,6 +10,9 @@ Probes (shapes data: items carry the sprite's shape and colour):
 - motion: a linear (logistic-regression) probe on the flattened motion latent z predicts the
   motion class of held-out clips (chance = 1 / classes); the same probe on the content frame
   is the contrast.
+Generation (n_generate=N, class-conditional data): the shapes evaluator's motion-class accuracy
+on decodes of real/generated content frames x real/generated motion latents of N held-out clips:
+which of the two diffusion models loses the conditioning.
 Cost: FLOPs (torch.utils.flop_counter, split by sub-network) and wall time per generated video
 for CMD and the VDM baseline at the same data size, each with its own configured sampler steps.
 Other key=value arguments are run-config overrides (method=..., dataset=..., scale=...).
@@ -30,7 +33,7 @@ from benchmarks.common import build_datamodule, build_method, data_spec
 from benchmarks.config import load_config
 from methods.base import Conditioning, VideoGenerator
 
-PROBE_KEYS = ("run_dir", "n_train", "n_val", "probe_steps", "cost_batch", "out")
+PROBE_KEYS = ("run_dir", "n_train", "n_val", "probe_steps", "cost_batch", "out", "n_generate")
 
 
 def load_run(run_dir: Path):
@@ -135,6 +138,53 @@ def linear_probe(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor,
         return (lin(x_val).argmax(-1) == y_val).float().mean().item()
 
 
+@torch.no_grad()
+def generation_probe(method, cfg, val: dict, n: int, batch: int = 16) -> dict:
+    """Where conditional accuracy is lost: the shapes evaluator's motion-class accuracy on decodes of
+    (real content, real z) = reconstruction, (real content, generated z), (generated content, real z)
+    and (generated content, generated z) = a sample, for held-out clips and their labels.
+
+    Generated parts use the run's samplers, steps and guidance (Algorithm 1); "generated z" is
+    conditioned on the real content frame in the second pair and on the generated one in the last.
+    """
+    from evaluation.detectors import load_detector
+    from methods import diffusion as D
+    from methods.vdm import run_sampler
+
+    det = load_detector("shapes", None)
+    s = method.cfg.sampling
+    steps, guidance = cfg.sample.steps, cfg.sample.guidance
+    c_steps, m_steps = s.content_steps or steps, s.motion_steps or 2 * steps
+    w_c = guidance if s.content_guidance is None else s.content_guidance
+    w_m = guidance if s.motion_guidance is None else s.motion_guidance
+    g = torch.Generator().manual_seed(cfg.seed)
+    autocast = cfg.trainer.precision.startswith("bf16")
+
+    def motion(cond, content):
+        z_T = torch.randn((len(content), *method.motion_shape()), generator=g)
+        model = D.as_eps_model(method.motion.guided(cond, content, w_m), method.motion_alpha_bar,
+                               method.cfg.motion.diffusion.objective)
+        return run_sampler(method.cfg.motion.diffusion.sampler, model, z_T, method.motion_alpha_bar, m_steps, 0.0,
+                           g).clamp(-1, 1)
+
+    hits = {k: 0 for k in ("real_content_real_z", "real_content_generated_z", "generated_content_real_z",
+                           "generated_content_generated_z")}
+    for start in range(0, n, batch):
+        video, label = val["video"][start:start + batch], val["label"][start:start + batch]
+        cond = Conditioning(label=label)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            c_real, z_real = method.encode(video)
+            c_gen = method.content.sample(len(video), cond, steps=c_steps, guidance=w_c, generator=g)
+            pairs = {"real_content_real_z": (c_real, z_real), "real_content_generated_z": (c_real, motion(cond, c_real)),
+                     "generated_content_real_z": (c_gen, z_real),
+                     "generated_content_generated_z": (c_gen, motion(cond, c_gen))}
+            for key, (c, z) in pairs.items():
+                decoded = method.from_space(method.autoencoder.decode(c, z)).float()
+                hits[key] += int((det.probs(decoded).argmax(-1) == label).sum())
+    total = min(n, len(val["video"]))
+    return {k: v / total for k, v in hits.items()} | {"n": total}
+
+
 def sampling_cost(method: VideoGenerator, cfg, batch: int) -> dict:
     """FLOPs of one generated video (split by top-level sub-network) and wall seconds per video."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -188,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "shape" in train and "color" in train:
             report["content_probe"] = content_probe(train, val, val_content, int(opts.get("probe_steps", 300)))
             report["motion_probe"]["z_color_acc"] = linear_probe(train_z, train["color"], val_z, val["color"])
+        if "n_generate" in opts and cmd.data.num_classes:
+            report["motion_class_accuracy"] = generation_probe(cmd, cfg, val, int(opts["n_generate"]))
         report["probe_seconds"] = time.perf_counter() - t0
         cost_overrides = [f"scale={cfg.scale}", f"dataset={cfg.dataset.name}"]
     else:

@@ -283,6 +283,8 @@ def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wa
         "resolution": ds.resolution, "frames": ds.frames, "stride": ds.stride,
         "sampler": cfg.method.diffusion.sampler if "diffusion" in cfg.method else None,
         "steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "eta": cfg.sample.eta,
+        # a method's own per-model sampler settings (e.g. CMD's content/motion steps and guidance) override the above
+        "method_sampling": to_container(cfg.method.sampling) if "sampling" in cfg.method else None,
         "ema": cfg.optim.ema_decay > 0, "ema_decay": cfg.optim.ema_decay, "precision": cfg.trainer.precision,
         "params": method.num_parameters(), "stage_params": {s: r["params"] for s, r in stages.items()},
         "train_seconds": sum(r.get("seconds", 0.0) for r in stages.values()),

@@ -226,3 +226,22 @@ def test_bad_options_name_the_key():
         CMD(tiny_config(space="latent"), DATA)
     with pytest.raises(ValueError, match="autoencoder.patch"):
         CMD(tiny_config(**{"autoencoder.patch": 3}), DATA).loss("autoencoder", shapes_batch())
+
+
+def test_generation_probe_attributes_accuracy_and_its_reconstruction_pair_is_reconstruct():
+    """benchmarks.probe_cmd's (real content, real z) decode is exactly `reconstruct`, scored by the shapes evaluator."""
+    from benchmarks.common import build_datamodule, build_method, data_spec
+    from benchmarks.config import load_config
+    from benchmarks.probe_cmd import clips, generation_probe
+    from evaluation.detectors import load_detector
+
+    cfg = load_config(["method=cmd", "scale=test"])
+    dm = build_datamodule(cfg)
+    torch.manual_seed(0)
+    method = build_method(cfg, data_spec(cfg, dm)).eval()
+    val = clips(dm, "val", 6)
+    out = generation_probe(method, cfg, val, 6, batch=4)
+    assert out["n"] == 6 and all(0 <= out[k] <= 1 for k in out if k != "n")
+    det = load_detector("shapes")
+    expected = (det.probs(method.reconstruct(val["video"])).argmax(-1) == val["label"]).float().mean().item()
+    assert out["real_content_real_z"] == pytest.approx(expected)
