@@ -370,7 +370,6 @@ def sample_gflops(cfg, dm) -> float | None:
 
     Cheap (no arithmetic, no weights); None where a method cannot be traced on meta.
     """
-
     from benchmarks.common import build_method, data_spec, real_conditioning
 
     try:

@@ -148,24 +148,14 @@ def generation_probe(method, cfg, val: dict, n: int, batch: int = 16) -> dict:
     conditioned on the real content frame in the second pair and on the generated one in the last.
     """
     from evaluation.detectors import load_detector
-    from methods import diffusion as D
-    from methods.vdm import run_sampler
 
     det = load_detector("shapes", None)
-    s = method.cfg.sampling
-    steps, guidance = cfg.sample.steps, cfg.sample.guidance
-    c_steps, m_steps = s.content_steps or steps, s.motion_steps or 2 * steps
-    w_c = guidance if s.content_guidance is None else s.content_guidance
-    w_m = guidance if s.motion_guidance is None else s.motion_guidance
+    c_steps, m_steps, w_c, w_m = method.sampling_settings(cfg.sample.steps, cfg.sample.guidance)
     g = torch.Generator().manual_seed(cfg.seed)
     autocast = cfg.trainer.precision.startswith("bf16")
 
     def motion(cond, content):
-        z_T = torch.randn((len(content), *method.motion_shape()), generator=g)
-        model = D.as_eps_model(method.motion.guided(cond, content, w_m), method.motion_alpha_bar,
-                               method.cfg.motion.diffusion.objective)
-        return run_sampler(method.cfg.motion.diffusion.sampler, model, z_T, method.motion_alpha_bar, m_steps, 0.0,
-                           g).clamp(-1, 1)
+        return method.sample_motion(cond, content, steps=m_steps, guidance=w_m, generator=g)
 
     hits = {k: 0 for k in ("real_content_real_z", "real_content_generated_z", "generated_content_real_z",
                            "generated_content_generated_z")}

@@ -16,7 +16,7 @@ with CFG, then z by DDIM conditioned on it with CFG, then decode.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from methods import diffusion as D
 from methods.base import Conditioning, DataSpec, VideoBatch, VideoGenerator
-from methods.image_prior import ImagePrior, ImagePriorConfig, random_frames, repeat_conditioning
+from methods.image_prior import ImagePrior, ImagePriorConfig, image_prior_cache_key, random_frames, repeat_conditioning
 from methods.nets.embed import ConditionEmbedder, TextEncoderConfig, TimestepEmbedder
 from methods.nets.transformer import DiT, DiTConfig, DiTFinalLayer, SpaceTimeTransformer, sincos_2d
 from methods.vdm import DiffusionConfig, run_sampler
@@ -293,9 +293,7 @@ class CMD(VideoGenerator):
 
     def shared_stage_config(self, stage: str) -> dict:
         """What determines a shared stage's weights besides data and training settings (its cache key)."""
-        if stage != "image_prior":
-            raise ValueError(f"CMD shares only its image_prior stage, not {stage!r}")
-        return {"image_prior": asdict(self.cfg.image_prior), "data": asdict(self.data)}
+        return image_prior_cache_key("CMD", stage, self.cfg.image_prior, self.data)
 
     def on_stage_start(self, stage: str) -> None:
         """Before the content stage, copy the trained image prior into the content model (content.init)."""
@@ -363,6 +361,23 @@ class CMD(VideoGenerator):
         h, w = self.autoencoder.grid(H, W)
         return (self.cfg.autoencoder.motion_dim, self.data.frames, w + h)
 
+    def sampling_settings(self, steps: int, guidance: float) -> tuple[int, int, float, float]:
+        """(content steps, motion steps, content guidance, motion guidance) from the run's values and method.sampling."""
+        s = self.cfg.sampling
+        return (s.content_steps or steps, s.motion_steps or 2 * steps,
+                guidance if s.content_guidance is None else s.content_guidance,
+                guidance if s.motion_guidance is None else s.motion_guidance)
+
+    @torch.no_grad()
+    def sample_motion(self, cond: Conditioning, content: Tensor, *, steps: int, guidance: float,
+                      generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
+        """z (n, D, T, W'+H') by the motion sampler, conditioned on content frames (n, C, H, W) and c, with CFG."""
+        z_T = torch.randn((content.shape[0], *self.motion_shape()), generator=generator, device=self.device)
+        model = D.as_eps_model(self.motion.guided(cond, content, guidance), self.motion_alpha_bar,
+                               self.cfg.motion.diffusion.objective)
+        return run_sampler(self.cfg.motion.diffusion.sampler, model, z_T, self.motion_alpha_bar, steps, eta,
+                           generator).clamp(-1, 1)  # z lives in tanh's range
+
     @torch.no_grad()
     def sample(self, n: int, cond: Conditioning, *, steps: int, guidance: float,
                generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
@@ -372,19 +387,11 @@ class CMD(VideoGenerator):
         content_guidance and motion_guidance override them per model (None: content uses `steps`,
         motion 2 x `steps`, as the paper's 50 / 100).
         """
-        s = self.cfg.sampling
-        content_steps = s.content_steps or steps
-        motion_steps = s.motion_steps or 2 * steps
-        w_content = guidance if s.content_guidance is None else s.content_guidance
-        w_motion = guidance if s.motion_guidance is None else s.motion_guidance
+        content_steps, motion_steps, w_content, w_motion = self.sampling_settings(steps, guidance)
         # 1. content frame by DDIM with CFG
         content = self.content.sample(n, cond, steps=content_steps, guidance=w_content, generator=generator, eta=eta)
         # 2. motion latent by DDIM conditioned on the generated content frame, with CFG
-        z_T = torch.randn((n, *self.motion_shape()), generator=generator, device=self.device)
-        model = D.as_eps_model(self.motion.guided(cond, content, w_motion), self.motion_alpha_bar,
-                               self.cfg.motion.diffusion.objective)
-        z = run_sampler(self.cfg.motion.diffusion.sampler, model, z_T, self.motion_alpha_bar, motion_steps, eta,
-                        generator).clamp(-1, 1)  # z lives in tanh's range
+        z = self.sample_motion(cond, content, steps=motion_steps, guidance=w_motion, generator=generator, eta=eta)
         # 3. decode
         return self.from_space(self.autoencoder.decode(content, z)).float()
 

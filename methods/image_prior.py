@@ -14,7 +14,7 @@ Notation: x0 (B, C, H, W) an image in the prior's space, x_t its noised version,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,14 @@ class ImagePriorConfig:
     diffusers_path: str | None = None
     latent_scale: float | None = None  # x0 = scale * VAE latent; None: the VAE config's scaling_factor
     frames_per_video: int = 2  # frames drawn from each training clip per step
+
+
+def image_prior_cache_key(owner: str, stage: str, cfg: ImagePriorConfig, data: DataSpec) -> dict:
+    """What determines a shared image prior's weights besides the data config and training settings: one
+    definition for every method that shares the stage, so equal prior configs give one cache entry."""
+    if stage != "image_prior":
+        raise ValueError(f"{owner} shares only its image_prior stage, not {stage!r}")
+    return {"image_prior": asdict(cfg), "data": asdict(data)}
 
 
 class DiffusersUNet2D(nn.Module):

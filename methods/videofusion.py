@@ -19,7 +19,7 @@ residual loss sees it through a stop-gradient) and is fine-tuned with a smaller 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange, repeat
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from methods import diffusion as D
 from methods.base import Conditioning, DataSpec, VideoBatch, VideoGenerator
-from methods.image_prior import ImagePrior, ImagePriorConfig, random_frames, repeat_conditioning
+from methods.image_prior import ImagePrior, ImagePriorConfig, image_prior_cache_key, random_frames, repeat_conditioning
 from methods.nets.cond_denoiser import CondDenoiser
 from methods.nets.embed import TextEncoderConfig
 from methods.nets.unet import UNet, UNetConfig
@@ -110,9 +110,7 @@ class VideoFusion(VideoGenerator):
 
     def shared_stage_config(self, stage: str) -> dict:
         """The image prior's cache key, identical to CMD's for the same prior config: one prior, many methods."""
-        if stage != "image_prior":
-            raise ValueError(f"VideoFusion shares only its image_prior stage, not {stage!r}")
-        return {"image_prior": asdict(self.cfg.image_prior), "data": asdict(self.data)}
+        return image_prior_cache_key("VideoFusion", stage, self.cfg.image_prior, self.data)
 
     def on_stage_start(self, stage: str) -> None:
         if stage == "video" and self.image_prior is not None:
