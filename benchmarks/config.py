@@ -30,6 +30,10 @@ from evaluation.config import EvalConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SELECTORS = ("method", "dataset", "scale")
+# Keys that change *how* a run proceeds, not what it computes: left out of the config hash, and a
+# resumed run may change them. Every other key defines the result.
+HOW_KEYS = ("run_dir", "runs_root", "results", "cache_dir", "tag", "trainer.progress_bar", "trainer.log_every_n_steps",
+            "trainer.checkpoint_every_n_steps", "data.num_workers", "data.pin_memory", "eval.cache_real_stats")
 
 
 class ConfigError(ValueError):
@@ -77,7 +81,7 @@ class StageConfig:
 class SampleConfig:
     num_videos: int = 16  # written to samples/ as mp4 + PNG grid
     steps: int = 50  # sampler steps (a method may use its own per-stage steps)
-    guidance: float = 1.0  # CFG weight w in eps = (1 + w) eps(c) - w eps(null)
+    guidance: float = 2.0  # CFG scale s in eps = eps(null) + s * (eps(c) - eps(null)); 1 = no guidance
     eta: float = 0.0  # DDIM eta: 0 deterministic, 1 stochastic
     batch_size: int = 16
     fps: int = 8
@@ -201,6 +205,17 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     except Exception as e:  # malformed dotlist entries
         raise ConfigError(f"could not parse command-line overrides {cli}: {e}") from None
     cfg = _merge(cfg, cli_layer, "command line")
+    # the evaluation protocol preset fixes every eval key that defines a number; the command line still wins
+    # (and the results row then says which of the preset's keys were changed: evaluation.config.protocol_label)
+    from evaluation.config import PROTOCOL_DIR, protocol_names
+
+    proto = PROTOCOL_DIR / f"{cfg.eval.protocol}.yaml"
+    if not proto.exists():
+        near = difflib.get_close_matches(str(cfg.eval.protocol), protocol_names(), n=1, cutoff=0.5)
+        raise ConfigError(f"unknown eval.protocol {cfg.eval.protocol!r}; "
+                          + (f"did you mean {near[0]!r}? " if near else "") + f"choose one of: {', '.join(protocol_names())}")
+    cfg = _merge(cfg, _load_yaml(proto), f"configs/protocol/{proto.name}")
+    cfg = _merge(cfg, cli_layer, "command line")
     unknown_stages = set(cfg.stages) - set(METHODS[method].stages)
     if unknown_stages:
         raise ConfigError(f"stages.{sorted(unknown_stages)[0]}: method {method!r} has no such stage; "
@@ -208,15 +223,39 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
+def merge_overrides(cfg: DictConfig, overrides: DictConfig | list[str], source: str) -> DictConfig:
+    """`cfg` with a config layer or `key=value` overrides on top, checked by the same schemas as load_config."""
+    if isinstance(overrides, list):
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        try:
+            overrides = OmegaConf.from_dotlist(overrides)
+        except Exception as e:  # malformed dotlist entries
+            raise ConfigError(f"could not parse overrides {overrides} ({source}): {e}") from None
+    return _merge(cfg, overrides, source)
+
+
 def to_container(cfg: DictConfig) -> dict:
     """Plain dicts and lists (what checkpoints and the results store keep)."""
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = ("run_dir", "runs_root", "results", "tag")) -> str:
-    """sha256 of the config that determines a result (paths and labels left out)."""
-    d = cfg if isinstance(cfg, dict) else to_container(cfg)
-    d = {k: v for k, v in d.items() if k not in exclude}
+def without_keys(d: dict, dotted: tuple[str, ...]) -> dict:
+    """A copy of nested dict `d` without the given dotted keys."""
+    out = dict(d)
+    for key in dotted:
+        head, _, rest = key.partition(".")
+        if rest and isinstance(out.get(head), dict):
+            out[head] = without_keys(out[head], (rest,))
+        elif not rest:
+            out.pop(head, None)
+    return out
+
+
+def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = HOW_KEYS) -> str:
+    """sha256 of the config that determines a result (paths, labels and progress settings left out)."""
+    d = without_keys(cfg if isinstance(cfg, dict) else to_container(cfg), exclude)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -5,11 +5,18 @@
     python -m benchmarks.evaluate samples_dir=my_model_videos/ dataset=ucf101 eval.paths.i3d_torchscript=/w/i3d.pt \
         eval.detector=i3d_torchscript eval.is_detector=c3d_torchscript
     ... append=true      also append the row to the results store (`results=`, default results/results.jsonl)
+    ... loop_short=true  loop videos shorter than dataset.frames (else an error); the row counts them: looped_videos
+    ... resize=true      centre-crop and resize videos whose size is not dataset.resolution (else an error)
 
-A samples folder holds videos (mp4 / gif / avi / ...) or frame folders; each is decoded
-(`datamodules.video_io`), centre-cropped and resized to the dataset's resolution, and its
-first `dataset.frames` frames (every `dataset.stride`-th) are scored as uint8, so nothing is
-re-quantised. A file named like `012-<class name>.mp4` (how benchmarks.run writes samples)
+A samples folder holds videos (mp4 / gif / avi / ...) or frame folders. Generated videos are
+scored as they are: the first `dataset.frames` consecutive frames of each (`dataset.stride` and
+`dataset.fps` describe how real clips are cut from the dataset's videos and are not applied to
+them), decoded (`datamodules.video_io`) to uint8, so nothing is re-quantised. They must have at
+least `dataset.frames` frames and be `dataset.resolution` pixels square, the size the real clips
+are scored at; anything else is an error naming the file, unless `loop_short=true` /
+`resize=true` says otherwise. Files that cannot be decoded are skipped with a warning naming
+them; the row reports `unreadable_videos` (count) and `unreadable_files` (the first 10).
+A file named like `012-<class name>.mp4` (how benchmarks.run writes samples)
 counts as conditioned on that class; captions come from `captions.json` ({file name or stem:
 caption}) in the folder, or `captions=<file>`. Any `eval.*` key of the run config applies.
 Prints the metrics and protocol fields as JSON.
@@ -17,14 +24,40 @@ Prints the metrics and protocol fields as JSON.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 USAGE = __doc__
-OWN_KEYS = ("run", "checkpoint", "samples_dir", "captions", "append")
+OWN_KEYS = ("run", "checkpoint", "samples_dir", "captions", "append", "loop_short", "resize")
+SHOW_FILES = 10  # unreadable files named in the row (all are counted)
+
+
+class SamplesError(ValueError):
+    """A generated video that cannot be scored as the protocol asks (too short, wrong size)."""
+
+
+@dataclass
+class FolderReport:
+    """What `folder_batches` did to the files of a samples folder."""
+
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of files that could not be decoded
+    looped: list[str] = field(default_factory=list)  # files shorter than dataset.frames, looped (loop_short=true)
+    resized: list[str] = field(default_factory=list)  # files not dataset.resolution square, resized (resize=true)
+
+
+def _flag(value: str, key: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no", ""):
+        return False
+    raise SystemExit(f"error: {key}={value!r}: want true or false")
 
 
 def _split_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -40,16 +73,16 @@ def _split_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def _run_config(run_dir: Path, overrides: list[str]):
     """A run folder's saved config with `overrides` on top (validated by the same schemas)."""
-    from omegaconf import OmegaConf
+    from benchmarks.config import load_config, merge_overrides
+    from benchmarks.run_folder import RunFolder
 
-    from benchmarks.config import load_config
-
-    saved = OmegaConf.load(run_dir / "config.yaml")
+    folder = RunFolder(run_dir)
+    saved = folder.saved_config()
     cfg = load_config([f"method={saved.method.name}", f"dataset={run_dir_dataset(run_dir, saved)}",
                        f"scale={saved.scale}"])
-    cfg = OmegaConf.merge(cfg, saved)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([o for o in overrides if o.split("=")[0] not in
-                                                         ("method", "dataset", "scale")]))
+    cfg = merge_overrides(cfg, saved, str(folder.config_path))
+    return merge_overrides(cfg, [o for o in overrides if o.split("=")[0] not in ("method", "dataset", "scale")],
+                           "command line")
 
 
 def run_dir_dataset(run_dir: Path, saved) -> str:
@@ -60,22 +93,14 @@ def run_dir_dataset(run_dir: Path, saved) -> str:
     return name if (CONFIG_DIR / "dataset" / f"{name}.yaml").exists() else "shapes"
 
 
-def _final_checkpoint(run_dir: Path, method) -> Path:
-    """The last stage's final.pt: the whole method's state dict after its last stage (EMA weights)."""
-    for stage in reversed(method.stages):
-        path = run_dir / "checkpoints" / stage / "final.pt"
-        if path.exists():
-            return path
-    raise FileNotFoundError(f"no checkpoints/<stage>/final.pt under {run_dir}: is the run finished?")
-
-
 def evaluate_checkpoint(cfg, checkpoint: Path | None, run_dir: Path | None) -> dict:
     from benchmarks.common import build_datamodule, build_method, data_spec
+    from benchmarks.run_folder import RunFolder
     from evaluation.protocol import evaluate_method
 
     dm = build_datamodule(cfg)
     method = build_method(cfg, data_spec(cfg, dm))
-    path = checkpoint if checkpoint is not None else _final_checkpoint(run_dir, method)
+    path = checkpoint if checkpoint is not None else RunFolder(run_dir).final_checkpoint(method.stages)
     method.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     if torch.cuda.is_available():
         method = method.cuda()
@@ -93,8 +118,15 @@ def _label_of(name: str, class_names: list[str]) -> int | None:
 
 
 def folder_batches(folder: Path, cfg, class_names: list[str], captions: dict[str, str], batch_size: int,
-                   skipped: list[str]):
-    """Yield (uint8 videos (B, 3, T, R, R), labels | None, captions | None) from a samples folder."""
+                   report: FolderReport, *, loop_short: bool = False, resize: bool = False):
+    """Yield (uint8 videos (B, 3, T, R, R), labels | None, captions | None) from a samples folder.
+
+    Each video's first `dataset.frames` frames, every frame (no dataset.stride: generated videos
+    are scored as they are). A shorter video raises SamplesError unless `loop_short` (then it is
+    looped and listed in `report.looped`); a video not `dataset.resolution` square raises unless
+    `resize` (centre crop + antialiased resize, listed in `report.resized`). Undecodable files are
+    skipped and listed in `report.unreadable`.
+    """
     from datamodules.clips import crop_resize, loop_frames
     from datamodules.folder import scan_videos
     from datamodules.video_io import DecodeError, read_clip
@@ -102,7 +134,7 @@ def folder_batches(folder: Path, cfg, class_names: list[str], captions: dict[str
     files = scan_videos(folder)
     if not files:
         raise SystemExit(f"error: no videos or frame folders found under {folder}")
-    frames, res, stride = cfg.dataset.frames, cfg.dataset.resolution, cfg.dataset.stride
+    frames, res = cfg.dataset.frames, cfg.dataset.resolution
     buf: list[tuple[torch.Tensor, int | None, str | None]] = []
 
     def flush():
@@ -116,14 +148,33 @@ def folder_batches(folder: Path, cfg, class_names: list[str], captions: dict[str
 
     for f in files:
         try:
-            clip = read_clip(f, frames, stride=stride)  # uint8 (T', H, W, 3)
+            clip = read_clip(f, frames)  # uint8 (T', H, W, 3): the first `frames` frames, T' <= frames
         except DecodeError as e:
-            skipped.append(f"{f}: {e}")
+            report.unreadable.append((str(f), f"{type(e).__name__}: {e}"))
             continue
         if len(clip) == 0:
-            skipped.append(f"{f}: no frames")
+            report.unreadable.append((str(f), "no frames"))
             continue
-        clip = crop_resize(loop_frames(clip, frames) if len(clip) < frames else clip, res)  # (T, R, R, 3)
+        if len(clip) < frames:
+            if not loop_short:
+                raise SamplesError(
+                    f"{f} has {len(clip)} frames; the evaluation scores dataset.frames={frames} frames per video "
+                    f"(generated videos are read frame by frame, dataset.stride does not apply). Generate "
+                    f"{frames}-frame videos, set dataset.frames={len(clip)} (real clips are cut to match), or pass "
+                    f"loop_short=true to loop short videos (the row then records looped_videos)")
+            clip = loop_frames(clip, frames)
+            report.looped.append(str(f))
+        h, w = clip.shape[1:3]
+        if (h, w) != (res, res):
+            if not resize:
+                hint = f"Set dataset.resolution={h}" if h == w else "Make the videos square"
+                raise SamplesError(
+                    f"{f} is {w}x{h} pixels; real clips are scored at dataset.resolution={res} ({res}x{res}). "
+                    f"{hint} so both sides are scored at the same size, or pass resize=true to "
+                    f"centre-crop and resize the generated videos to {res}x{res}")
+            clip = crop_resize(clip, res)
+            report.resized.append(str(f))
+        clip = torch.as_tensor(clip)  # (T, R, R, 3) uint8
         rel = str(f.relative_to(folder))
         caption = captions.get(rel, captions.get(f.name, captions.get(f.stem)))
         buf.append((clip.permute(3, 0, 1, 2).contiguous(), _label_of(f.name, class_names), caption))
@@ -133,7 +184,8 @@ def folder_batches(folder: Path, cfg, class_names: list[str], captions: dict[str
         yield flush()
 
 
-def evaluate_folder(cfg, folder: Path, captions_file: Path | None) -> dict:
+def evaluate_folder(cfg, folder: Path, captions_file: Path | None, *, loop_short: bool = False,
+                    resize: bool = False) -> dict:
     from benchmarks.common import build_datamodule
     from evaluation.protocol import evaluate_videos
 
@@ -142,11 +194,21 @@ def evaluate_folder(cfg, folder: Path, captions_file: Path | None) -> dict:
     captions_file = captions_file or (folder / "captions.json" if (folder / "captions.json").exists() else None)
     captions = json.loads(Path(captions_file).read_text()) if captions_file else {}
     dm = build_datamodule(cfg)
-    skipped: list[str] = []
-    batches = folder_batches(folder, cfg, dm.class_names, captions, cfg.eval.batch_size, skipped)
-    out = evaluate_videos(batches, dm, cfg)
+    report = FolderReport()
+    batches = folder_batches(folder, cfg, dm.class_names, captions, cfg.eval.batch_size, report,
+                             loop_short=loop_short, resize=resize)
+    first = next(batches, None)  # decode the first batch before the real statistics: a bad folder fails fast
+    out = evaluate_videos(itertools.chain([first] if first is not None else [], batches), dm, cfg)
+    if report.unreadable:
+        from datamodules.files import CorruptVideoWarning
+
+        more = f" and {len(report.unreadable) - 3} more" if len(report.unreadable) > 3 else ""
+        warnings.warn(f"{len(report.unreadable)} files under {folder} could not be decoded and were not scored: "
+                      f"{'; '.join(f'{p} ({why})' for p, why in report.unreadable[:3])}{more}", CorruptVideoWarning, stacklevel=2)
     return {"method": f"folder:{folder.name}", "dataset": cfg.dataset.name, "samples_dir": str(folder),
-            "unreadable_videos": len(skipped), **out}
+            "unreadable_videos": len(report.unreadable),
+            "unreadable_files": [p for p, _ in report.unreadable[:SHOW_FILES]],
+            "looped_videos": len(report.looped), "resized_videos": len(report.resized), **out}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -155,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(USAGE)
         return {}
     from benchmarks.config import ConfigError, load_config, to_container
+    from benchmarks.run_folder import RunFolder
 
     own, rest = _split_args(argv)
     sources = [k for k in ("run", "checkpoint", "samples_dir") if k in own]
@@ -163,27 +226,36 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if "run" in own:
             run_dir = Path(own["run"])
-            if not (run_dir / "config.yaml").exists():
-                raise SystemExit(f"error: {run_dir / 'config.yaml'} not found: run= wants a benchmarks.run folder")
+            if not RunFolder(run_dir).has_run():
+                raise SystemExit(f"error: {RunFolder(run_dir).config_path} not found: run= wants a benchmarks.run folder")
             cfg = _run_config(run_dir, rest)
             row = evaluate_checkpoint(cfg, None, run_dir)
         elif "checkpoint" in own:
             ckpt = Path(own["checkpoint"])
             run_dir = ckpt.parents[2] if len(ckpt.parents) > 2 else None
-            saved_run = run_dir is not None and (run_dir / "config.yaml").exists()
+            saved_run = run_dir is not None and RunFolder(run_dir).has_run()
             cfg = _run_config(run_dir, rest) if saved_run else load_config(rest)
             row = evaluate_checkpoint(cfg, ckpt, None)
         else:
             cfg = load_config(rest)
-            row = evaluate_folder(cfg, Path(own["samples_dir"]), Path(own["captions"]) if "captions" in own else None)
-    except ConfigError as e:
+            row = evaluate_folder(cfg, Path(own["samples_dir"]), Path(own["captions"]) if "captions" in own else None,
+                                  loop_short=_flag(own.get("loop_short", "false"), "loop_short"),
+                                  resize=_flag(own.get("resize", "false"), "resize"))
+    except (ConfigError, SamplesError) as e:
         raise SystemExit(f"error: {e}") from None
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
-    if own.get("append", "false").lower() in ("1", "true", "yes"):
+    if _flag(own.get("append", "false"), "append"):
         from benchmarks.results import append_row
 
-        append_row(cfg.results, {**row, "source": "benchmarks.evaluate", "eval_config": to_container(cfg.eval)})
+        extra = {"source": "benchmarks.evaluate", "eval_config": to_container(cfg.eval)}
+        stored = RunFolder(own["run"]).stored_row() if "run" in own else None
+        if stored is not None:  # a re-evaluation: the run's own fields, the new scores; it replaces the run's row
+            from datetime import datetime
+
+            row = {**stored, **row, **extra, "reevaluation_of": stored.get("run_dir", own["run"]),
+                   "time": datetime.now().isoformat(timespec="seconds")}
+        append_row(cfg.results, {**row, **extra})
     print(json.dumps(row, indent=2, default=str))
     return row
 

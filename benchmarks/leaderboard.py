@@ -6,7 +6,9 @@
     python -m benchmarks.leaderboard --sweep vdm_guidance --format png --metric fvd --out guidance.png
 Options: --results PATH (default results/results.jsonl), --dataset/--method/--tag/--sweep/--scale
 (comma-separated lists), --metric NAME (PNG y axis), --cost seconds|gflops|params (PNG x axis),
---strict (exit with an error instead of splitting a metric over protocols), --out PATH.
+--strict (exit with an error instead of splitting a metric over protocols), --out PATH,
+--include-degenerate (keep runs whose samples were NaN / constant / static, marked; default: left out).
+One row per run folder: a re-evaluation (`benchmarks.evaluate run=X append=true`) replaces its run's row.
 
 Runs that differ only in their seed are one entry: mean ± sample std over seeds. A metric is
 only put in one column when its protocol (detector and its sha256, n_gen, n_real, frames,
@@ -36,12 +38,15 @@ LOWER_IS_BETTER = {"fvd", "rfvd"}
 # Fields that define how a number was measured (written by evaluation.protocol): two numbers that differ in
 # one of the fields of their metric do not share a column.
 COMMON_PROTOCOL = ("split", "real_split", "resolution", "frames", "stride", "n_gen", "clip_seed", "eval_protocol")
+# How a row's `guidance` is to be read (methods.diffusion.GUIDANCE_CONVENTION): rows written before it was
+# recorded used w = s - 1, so their guidance values mean something else. Scores of generated samples only.
+SAMPLING_PROTOCOL = ("guidance_convention",)
 METRIC_PROTOCOL = {
-    "fvd": ("detector", "detector_sha256", "n_real", "covariance", "fvd_protocol"),
+    "fvd": ("detector", "detector_sha256", "n_real", "covariance", "fvd_protocol", *SAMPLING_PROTOCOL),
     "rfvd": ("detector", "detector_sha256", "covariance", "n_rec"),
-    "is": ("is_detector", "is_detector_sha256", "is_protocol", "is_splits"),
-    "clipsim": ("clip_detector", "clip_detector_sha256"),
-    "cond_acc": ("detector", "detector_sha256", "is_detector", "is_detector_sha256"),
+    "is": ("is_detector", "is_detector_sha256", "is_protocol", "is_splits", *SAMPLING_PROTOCOL),
+    "clipsim": ("clip_detector", "clip_detector_sha256", *SAMPLING_PROTOCOL),
+    "cond_acc": ("detector", "detector_sha256", "is_detector", "is_detector_sha256", *SAMPLING_PROTOCOL),
 }
 PROTOCOL_FIELDS = tuple(dict.fromkeys(COMMON_PROTOCOL + sum(METRIC_PROTOCOL.values(), ())))
 COST_FIELDS = {"seconds": "sample_seconds_per_video", "gflops": "gflops_per_video", "params": "params"}
@@ -124,13 +129,38 @@ def from_csv(text: str) -> list[dict]:
 # --- selection and aggregation ---------------------------------------------------------------------
 
 
-def select(rows: list[dict], *, dataset=None, method=None, tag=None, scale=None) -> list[dict]:
-    """Successful runs matching every given filter (each a collection of accepted values)."""
+def latest_per_run(rows: list[dict]) -> list[dict]:
+    """One row per run folder: a re-evaluation (`benchmarks.evaluate run=X append=true`) replaces the run's row."""
+    last: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        key = r.get("reevaluation_of") or r.get("run_dir")
+        if key:
+            last[str(key)] = i
+    return [r for i, r in enumerate(rows)
+            if not (r.get("reevaluation_of") or r.get("run_dir")) or last[str(r.get("reevaluation_of") or r.get("run_dir"))] == i]
+
+
+def select(rows: list[dict], *, dataset=None, method=None, tag=None, scale=None,
+           include_degenerate: bool = False) -> list[dict]:
+    """Successful runs matching every given filter (each a collection of accepted values), one row per run.
+
+    Rows whose samples were degenerate (NaN, constant or static videos: `evaluation.sanity`) are
+    left out with a warning, or kept and marked when include_degenerate.
+    """
+    import warnings
+
     def keep(r: dict) -> bool:
         return (r.get("status", "ok") != "failed"
                 and all(want is None or str(r.get(k)) in want
                         for k, want in (("dataset", dataset), ("method", method), ("tag", tag), ("scale", scale))))
-    return [r for r in rows if keep(r)]
+    kept = [r for r in latest_per_run(rows) if keep(r)]
+    bad = [r for r in kept if r.get("status", "ok") == "degenerate"]
+    if bad and not include_degenerate:
+        warnings.warn(f"{len(bad)} run(s) with degenerate samples left out (" + "; ".join(
+            f"{r.get('method')} {r.get('run_dir')}: {', '.join(r.get('flags') or [])}" for r in bad[:3])
+            + "); --include-degenerate shows them marked", stacklevel=2)
+        kept = [r for r in kept if r.get("status", "ok") != "degenerate"]
+    return kept
 
 
 def settings(row: dict) -> dict:
@@ -278,7 +308,8 @@ def to_markdown(entries: list[Entry], strict: bool = False) -> str:
                   "params (M)", "train s", "sample s/video", "GFLOPs/video"]
         lines = [f"### {dataset}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for e in sorted(group, key=lambda e: _sort_key(e, primary)):
-            cells = [e.method, *(json.dumps(e.swept[k]) if k in e.swept else "" for k in swept), str(len(e.seeds))]
+            marked = e.method + (" (degenerate samples)" if any(r.get("status") == "degenerate" for r in e.rows) else "")
+            cells = [marked, *(json.dumps(e.swept[k]) if k in e.swept else "" for k in swept), str(len(e.seeds))]
             cells += [_fmt(e.stat(m)) if p is None or e.protocol_of(m) == p else "" for _, m, p in cols]
             params = e.stat("params")
             cells += [f"{params[0] / 1e6:.3g}" if params else "", _fmt(e.stat("train_seconds"), 3),
@@ -376,12 +407,12 @@ def plot(entries: list[Entry], metric: str | None = None, cost: str = "seconds")
 
 def _parse(argv: list[str]) -> dict:
     opts = {"format": "markdown", "results": "results/results.jsonl", "out": None, "metric": None,
-            "cost": "seconds", "strict": False}
+            "cost": "seconds", "strict": False, "include_degenerate": False}
     filters: dict[str, set[str] | None] = {"dataset": None, "method": None, "tag": None, "scale": None}
     it = iter(argv)
     for a in it:
-        if a == "--strict":
-            opts["strict"] = True
+        if a in ("--strict", "--include-degenerate"):
+            opts[a[2:].replace("-", "_")] = True
             continue
         if not a.startswith("--"):
             raise SystemExit(f"error: unexpected argument {a!r}\n{USAGE}")
@@ -414,7 +445,7 @@ def main(argv: list[str] | None = None) -> str:
     opts = _parse(argv)
     if not Path(opts["results"]).exists():
         raise SystemExit(f"error: no results store at {opts['results']} (set --results PATH)")
-    rows = select(read_rows(opts["results"]), **opts["filters"])
+    rows = select(read_rows(opts["results"]), **opts["filters"], include_degenerate=opts["include_degenerate"])
     if opts["format"] == "csv":
         text = to_csv(rows)
     elif opts["format"] == "markdown":

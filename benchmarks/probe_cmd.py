@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from benchmarks.common import build_datamodule, build_method, data_spec
@@ -38,15 +37,20 @@ PROBE_KEYS = ("run_dir", "n_train", "n_val", "probe_steps", "cost_batch", "out",
 
 def load_run(run_dir: Path):
     """(config, datamodule, method with the last finished stage's weights) of a benchmarks.run folder."""
-    saved = OmegaConf.load(run_dir / "config.yaml")
-    cfg = OmegaConf.merge(load_config([f"method={saved.method.name}", f"scale={saved.scale}"]), saved)
+    from benchmarks.evaluate import _run_config
+    from benchmarks.run_folder import RunFolder
+
+    folder = RunFolder(run_dir)
+    if not folder.has_run():
+        raise SystemExit(f"error: {folder.config_path} not found: run_dir= wants a benchmarks.run folder")
+    cfg = _run_config(run_dir, [])
     dm = build_datamodule(cfg)
     method = build_method(cfg, data_spec(cfg, dm))
-    finals = [run_dir / "checkpoints" / s / "final.pt" for s in method.stages]
-    done = [f for f in finals if f.exists()]
-    if not done:
-        raise SystemExit(f"error: no finished stage in {run_dir}/checkpoints (expected {finals[0]})")
-    method.load_state_dict(torch.load(done[-1], map_location="cpu", weights_only=True))
+    try:
+        final = folder.final_checkpoint(method.stages)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    method.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
     return cfg, dm, method.eval()
 
 

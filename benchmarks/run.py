@@ -4,8 +4,14 @@
     python -m benchmarks.run method=vdm dataset=shapes trainer.max_steps=200
     python -m benchmarks.run method=cmd dataset=ucf101 dataset.root=/data/UCF-101 scale=paper
 
-Re-running with `run_dir=<folder>` resumes: finished stages are loaded, an interrupted
-stage continues from its `last.ckpt`. A run appends its row only once it completes.
+    python -m benchmarks.run method=cmd --check               # validate, dry pass, print the plan; train nothing
+
+`run_dir=<folder>` alone resumes that run with its saved config: finished stages are loaded,
+an interrupted stage continues from its `last.ckpt`. An override that would change the result
+is refused (start a new run instead); a finished run is not run or appended again. A run
+appends its row only once it completes, and never for a diverged or interrupted stage.
+Before the first training step every config value, detector file and the results path are
+checked, and a dry pass runs one loss step per stage and one sampling step.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from benchmarks.common import build_datamodule, build_method, data_spec, git_state, library_versions, real_conditioning
-from benchmarks.config import ConfigError, config_hash, load_config, stage_settings, to_container
+from benchmarks.config import SELECTORS, ConfigError, config_hash, load_config, merge_overrides, stage_settings, to_container
 from benchmarks.efficiency import sample_gflops
-from benchmarks.results import append_row
+from benchmarks.results import append_row, atomic_torch_save, read_rows
+from benchmarks.run_folder import RunFolder, RunFolderError, config_difference
 
 USAGE = __doc__
 RUN_DIR_ENV = "BENCHMARKS_RUN_DIR"  # rank 0 hands its run folder to the DDP workers it launches
@@ -47,6 +54,55 @@ def make_run_dir(cfg: DictConfig) -> Path:
     while path.exists():  # two runs started in the same second (sweeps)
         path, k = Path(f"{base}-{k}"), k + 1
     return path
+
+
+def _is_worker() -> bool:
+    """A DDP worker process started by rank 0 (it follows rank 0's folder and checks)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+
+
+def resolve_run(argv: list[str]) -> tuple[DictConfig, RunFolder, bool]:
+    """(config, folder, resumed) for a command line. The run folder is the source of truth:
+
+    - `run_dir=X` of an existing run: X's saved config, plus the overrides given; an override that
+      changes a result-defining key (anything but `benchmarks.config.HOW_KEYS`) is refused;
+    - `run_dir=X` of a folder that holds something else: refused, nothing is overwritten;
+    - otherwise a new run composed from the defaults and the overrides.
+    """
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")]
+    folder = RunFolder(given[-1]) if given and given[-1] else None
+    if folder is None or not folder.has_run():
+        if folder is not None and folder.foreign_contents() and not _is_worker():
+            raise RunFolderError(
+                f"run_dir={folder.path} is not empty ({', '.join(folder.foreign_contents()[:5])}) and holds no run "
+                f"(no config.yaml): it is never overwritten. Give a new or empty folder, or leave run_dir out.")
+        cfg = load_config(argv)
+        return cfg, RunFolder(make_run_dir(cfg)), False
+    saved = folder.saved_config()
+    picked = {k: a.split("=", 1)[1] for a in argv for k in SELECTORS if a.startswith(k + "=")}
+    held = {"method": saved.method.name, "dataset": saved.dataset.name, "scale": saved.scale}
+    clash = {k: v for k, v in picked.items() if k != "dataset" and v != held[k]}
+    if clash:
+        raise RunFolderError(
+            f"run_dir={folder.path} holds a {held['method']} run on {held['dataset']} at scale {held['scale']}, not "
+            + ", ".join(f"{k}={v}" for k, v in clash.items())
+            + ". It is never overwritten: leave run_dir out (or give a new folder) to start that run.")
+    from benchmarks.evaluate import run_dir_dataset
+
+    base = load_config([f"method={held['method']}", f"dataset={picked.get('dataset', run_dir_dataset(folder.path, saved))}",
+                        f"scale={held['scale']}"])
+    resumed = merge_overrides(base, saved, f"{folder.config_path}")
+    wanted = merge_overrides(resumed, [a for a in argv if a.split("=", 1)[0] not in SELECTORS], "command line")
+    diff = config_difference(to_container(resumed), to_container(wanted))
+    if diff:
+        shown = "\n  ".join(f"{k}: {a!r} in the run folder, {b!r} asked" for k, a, b in diff[:20])
+        raise RunFolderError(
+            f"run_dir={folder.path} was started with a different config; resuming it with these overrides would "
+            f"store a result that mixes two configs:\n  {shown}\n"
+            f"Resume with `python -m benchmarks.run run_dir={folder.path}` alone, or start a new run with your "
+            f"overrides and no run_dir (or a new folder).")
+    wanted.run_dir = str(folder.path)
+    return wanted, folder, True
 
 
 def _trainer(cfg: DictConfig, stage: str, steps: int, run_dir: Path, callbacks: list):
@@ -81,7 +137,36 @@ def shared_stage_cache(cfg: DictConfig, method, stage: str, settings: dict) -> P
     return Path(cfg.cache_dir) / "shared_stages" / f"{stage}-{digest}.pt"
 
 
-def train_stages(cfg: DictConfig, method, dm, run_dir: Path) -> dict:
+def stage_status(cfg: DictConfig, method, folder: RunFolder) -> dict[str, str]:
+    """{stage: "done" (final.pt in the run folder) | "cached" (shared weights exist) | "train"}."""
+    out = {}
+    for stage in method.stages:
+        cache = shared_stage_cache(cfg, method, stage, stage_settings(cfg, stage))
+        out[stage] = ("done" if folder.stage_done(stage) else "cached" if cache is not None and cache.exists()
+                      else "train")
+    return out
+
+
+def _checkpoint_seconds(path: Path) -> float:
+    """Training seconds a stage's last.ckpt has accumulated over earlier attempts (0 without one)."""
+    if not path.exists():
+        return 0.0
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return float(ckpt.get("train_seconds", 0.0))
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+
+
+def _check_finite(method, where: str) -> None:
+    bad = [name for name, p in method.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RuntimeError(f"{where}: {len(bad)} parameter tensors hold non-finite values (first: {bad[0]}); "
+                           "nothing is sampled or stored from these weights")
+
+
+def train_stages(cfg: DictConfig, method, dm, folder: RunFolder) -> dict:
     """Train (or load) every stage in order; returns per-stage records."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -92,21 +177,23 @@ def train_stages(cfg: DictConfig, method, dm, run_dir: Path) -> dict:
     records = {}
     for stage in method.stages:
         settings = stage_settings(cfg, stage)
-        stage_dir = run_dir / "checkpoints" / stage
-        final = stage_dir / "final.pt"
         shared = getattr(method, "shared_stages", {})
         cache = shared_stage_cache(cfg, method, stage, settings)
         rec = {"steps": settings["max_steps"], "params": method.num_parameters(stage), "source": "trained"}
-        if final.exists():
-            method.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
-            records[stage] = {**rec, **json.loads((stage_dir / "record.json").read_text()), "source": "run folder"}
-            print(f"[{stage}] already trained in {stage_dir}; loaded")
+        if folder.stage_done(stage):
+            state, saved = folder.load_stage(stage)
+            method.load_state_dict(state)
+            _check_finite(method, f"{folder.final(stage)}")
+            records[stage] = {**rec, **saved, "source": "run folder"}
+            print(f"[{stage}] already trained in {folder.stage_dir(stage)}; loaded")
             continue
         if cache is not None and cache.exists():
             getattr(method, shared[stage]).load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+            _check_finite(method, f"shared weights {cache}")
             records[stage] = {**rec, "seconds": 0.0, "source": f"cache {cache}"}
             print(f"[{stage}] loaded shared weights from {cache}")
-            _save_stage(method, stage_dir, records[stage])
+            if not _is_worker():
+                folder.save_stage(stage, method.state_dict(), records[stage])
             continue
         if hasattr(method, "on_stage_start"):
             method.on_stage_start(stage)
@@ -114,32 +201,35 @@ def train_stages(cfg: DictConfig, method, dm, run_dir: Path) -> dict:
         system = StageSystem(method, stage, lr=settings["lr"], betas=tuple(settings["betas"]),
                              weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps)
         every = max(1, min(settings["max_steps"], cfg.trainer.checkpoint_every_n_steps))
-        callbacks = [ModelCheckpoint(dirpath=str(stage_dir), save_last=True, save_top_k=0, every_n_train_steps=every)]
+        callbacks = [ModelCheckpoint(dirpath=str(folder.stage_dir(stage)), save_last=True, save_top_k=0,
+                                     every_n_train_steps=every)]
         if settings["ema_decay"] > 0:
             callbacks.append(EMA(settings["ema_decay"], cfg.optim.ema_start_step))
-        trainer = _trainer(cfg, stage, settings["max_steps"], run_dir, callbacks)
+        trainer = _trainer(cfg, stage, settings["max_steps"], folder.path, callbacks)
         loader = dm.loader_for("train", shuffle=True, drop_last=True, batch_size=settings["batch_size"], seed=cfg.seed)
         if cfg.trainer.strategy == "ddp_spawn":
             _drop_generators(loader)
-        last = _usable_checkpoint(stage_dir / "last.ckpt")
+        last = _usable_checkpoint(folder.last_checkpoint(stage))
+        before = _checkpoint_seconds(last)
         print(f"[{stage}] training {rec['params'] / 1e6:.2f}M parameters for {settings['max_steps']} steps"
-              + (f" (resuming from {last})" if last.exists() else ""))
+              + (f" (resuming from {last}, {before:.0f} s trained before)" if last.exists() else ""))
         t0 = time.perf_counter()
         trainer.fit(system, train_dataloaders=loader, ckpt_path=str(last) if last.exists() else None)
-        seconds = time.perf_counter() - t0
+        seconds = before + time.perf_counter() - t0  # accumulated over every attempt (kept in last.ckpt)
         # under ddp_spawn the loop counters stay in the workers; only weights, state and metrics come back
         steps_done = settings["max_steps"] if cfg.trainer.strategy == "ddp_spawn" else trainer.global_step
         if trainer.state.status != TrainerStatus.FINISHED or steps_done < settings["max_steps"]:
             raise RuntimeError(f"stage {stage!r} stopped at step {trainer.global_step} of {settings['max_steps']} "
-                               f"(interrupted?); re-run with run_dir={run_dir} to resume")
+                               f"(interrupted?); re-run with run_dir={folder.path} to resume")
+        _check_finite(method, f"stage {stage!r} after training")
         loss = trainer.callback_metrics.get(f"{stage}/loss")
         records[stage] = {**rec, "seconds": seconds, "step_seconds": seconds / max(1, settings["max_steps"]),
                           "final_loss": float(loss) if loss is not None else None}
         if trainer.is_global_zero:
-            _save_stage(method, stage_dir, records[stage])
+            folder.save_stage(stage, method.state_dict(), records[stage])
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_save(getattr(method, shared[stage]).state_dict(), cache)
+                atomic_torch_save(getattr(method, shared[stage]).state_dict(), cache)
         for p in method.parameters():
             p.requires_grad_(True)
     return records
@@ -160,20 +250,6 @@ def _usable_checkpoint(path: Path) -> Path:
         os.replace(path, bad)
         warnings.warn(f"{path} is not a complete checkpoint (interrupted write?); moved to {bad}", stacklevel=2)
     return path
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _save_stage(method, stage_dir: Path, record: dict) -> None:
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    tmp = stage_dir / f"record.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(record, default=str))
-    os.replace(tmp, stage_dir / "record.json")
-    _atomic_save(method.state_dict(), stage_dir / "final.pt")  # written last: its presence marks the stage done
 
 
 def sample_videos(cfg: DictConfig, method, dm, n: int, seed: int) -> tuple[torch.Tensor, object, float]:
@@ -197,42 +273,104 @@ def sample_videos(cfg: DictConfig, method, dm, n: int, seed: int) -> tuple[torch
     return torch.cat(out), cond, seconds
 
 
-def write_samples(videos: torch.Tensor, cond, out_dir: Path, fps: int, class_names: list[str]) -> Path:
-    """samples/<i>.mp4 (libx264 yuv420p) and a PNG grid (one row per video, 8 frames across)."""
+def write_samples(videos: torch.Tensor, cond, out_dir: Path, fps: int, class_names: list[str],
+                  conditioning: str | None = None) -> Path:
+    """samples/<NNN>[-<class>].mp4 (libx264 yuv420p), samples/conditioning.json and a PNG grid (one row per
+    video, 8 frames across), each video labelled with what it was conditioned on.
+
+    Video i was sampled with `cond` row i (real val clip i's label, caption and, for image-to-video, first
+    frame), but a method only sees what its config conditions on: `conditioning` ("class", "text",
+    "class+text", "none"; default: the `conditioning` values of the run folder's saved config, see
+    `evaluation.grid.conditioning_kinds`) picks which of label / caption a label shows; the first frame
+    counts when `cond.first_frame` is set. conditioning.json lists, per file, its clip, class index and what
+    it was conditioned on (`benchmarks.report` labels its videos with it).
+    """
+    from benchmarks.results import atomic_write_text
     from datamodules.video_io import write_video
     from evaluation.detectors import quantize
-    from evaluation.grid import save_grid
+    from evaluation.grid import conditioning_kinds, conditioning_records, save_grid
 
+    if conditioning is not None:
+        kinds = conditioning_kinds({"conditioning": conditioning})
+    elif RunFolder(out_dir.parent).has_run():  # benchmarks.run saves the config before training
+        kinds = conditioning_kinds(to_container(RunFolder(out_dir.parent).saved_config()).get("method", {}))
+    else:  # no config to ask: the label if there is one, else the caption
+        kinds = ("class",) if cond.label is not None else ("text",) if cond.text is not None else ()
     out_dir.mkdir(parents=True, exist_ok=True)
     u8 = quantize(videos)  # (N, C, T, H, W) uint8, the evaluator's own rounding: one rule in the project
-    for i, v in enumerate(u8):
+    records = conditioning_records(len(u8), kinds, labels=None if cond.label is None else cond.label.tolist(),
+                                   texts=cond.text, image_to_video=cond.first_frame is not None,
+                                   class_names=class_names or ())
+    for i, (v, rec) in enumerate(zip(u8, records, strict=True)):
         name = f"{i:03d}"
         if cond.label is not None and class_names:
-            name += f"-{class_names[int(cond.label[i])]}"
-        write_video(out_dir / f"{name}.mp4", v.permute(1, 2, 3, 0).numpy(), fps=fps)
-    captions = cond.text if cond.text is not None else (
-        [class_names[int(lbl)] for lbl in cond.label] if cond.label is not None and class_names else None)
-    return save_grid(u8, out_dir / "grid.png", captions=captions)
+            name += "-" + str(class_names[int(cond.label[i])]).replace("/", "_")
+        rec["file"] = f"{name}.mp4"
+        write_video(out_dir / rec["file"], v.permute(1, 2, 3, 0).numpy(), fps=fps)
+    atomic_write_text(out_dir / "conditioning.json", json.dumps(
+        {"conditioning": list(kinds), "image_to_video": cond.first_frame is not None, "videos": records},
+        indent=2, sort_keys=True) + "\n")
+    return save_grid(u8, out_dir / "grid.png", captions=[r["conditioned_on"] for r in records])
+
+
+def _real_motion(dm, n: int = 16) -> float | None:
+    """Mean frame-to-frame difference of the first n val clips (does the data move?)."""
+    from evaluation.sanity import frame_motion
+
+    ds = dm.dataset("val")
+    if len(ds) == 0:
+        return None
+    videos = torch.stack([ds[i]["video"] for i in range(min(n, len(ds)))])
+    return float(frame_motion(videos).mean())
+
+
+def _finished(folder: RunFolder, cfg: DictConfig) -> dict | None:
+    """The stored row of a finished run (its row is in the store), else None."""
+    if folder.row_appended():
+        return folder.stored_row() or {}
+    stored = folder.stored_row()  # a crash between appending the row and recording it
+    if stored and any(r.get("run_dir") == str(folder.path) and r.get("config_sha256") == stored.get("config_sha256")
+                      for r in read_rows(cfg.results)):
+        folder.update_state(row_appended=True, results=str(cfg.results))
+        return stored
+    return None
+
+
+def preflight(cfg: DictConfig, method, dm, folder: RunFolder):
+    """Every check that can run before training (see benchmarks.preflight); returns the plan."""
+    from benchmarks.preflight import check_writable, dry_pass, open_detectors
+
+    check_writable(cfg.results, "results")
+    open_detectors(cfg, dm, method)
+    return dry_pass(cfg, method, dm, stage_status(cfg, method, folder))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return {}
+    check_only = "--check" in argv or "dry_run=true" in argv
+    argv = [a for a in argv if a not in ("--check", "dry_run=true", "dry_run=false")]
+    from benchmarks.preflight import validate_config
+
     try:
-        cfg = load_config(argv)
-    except ConfigError as e:
+        cfg, folder, resumed = resolve_run(argv)
+        validate_config(cfg)
+    except (ConfigError, RunFolderError) as e:
         raise SystemExit(f"error: {e}") from None
+    if resumed and not check_only and not _is_worker():
+        row = _finished(folder, cfg)
+        if row is not None:
+            print(f"run {folder.path} is finished and its row is in {folder.state().get('results', cfg.results)}: "
+                  "nothing to do, no row appended.\nTo score it again and append a row marked as a re-evaluation: "
+                  f"python -m benchmarks.evaluate run={folder.path} append=true")
+            return row
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*predict_dataloader.*|.*val_dataloader.*")
     import lightning as L
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    run_dir = make_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    OmegaConf.save(cfg, run_dir / "config.yaml")
     t_start = time.perf_counter()
     try:
         dm = build_datamodule(cfg)
@@ -240,28 +378,64 @@ def main(argv: list[str] | None = None) -> dict:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     method = build_method(cfg, data_spec(cfg, dm))
-    print(f"run folder: {run_dir}\nmethod {cfg.method.name} ({method.num_parameters() / 1e6:.2f}M parameters), "
+    print(f"run folder: {folder.path}\nmethod {cfg.method.name} ({method.num_parameters() / 1e6:.2f}M parameters), "
           f"dataset {cfg.dataset.name} ({len(dm.dataset('train'))} train clips), scale {cfg.scale}")
-    stages = train_stages(cfg, method, dm, run_dir)
-
-    is_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-    metrics: dict = {}
-    sample_seconds = None
+    try:
+        plan = preflight(cfg, method, dm, folder)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(plan.table())
+    if check_only:
+        print("--check: nothing was trained or written")
+        return {"plan": plan, "config": cfg}
+    is_zero = not _is_worker()
+    cfg.run_dir = str(folder.path)
     if is_zero:
+        folder.save_config(cfg)
+    os.environ[RUN_DIR_ENV] = str(folder.path)
+    from lightning_modules.system import DivergenceError
+
+    try:
+        stages = train_stages(cfg, method, dm, folder)
+    except DivergenceError as e:
+        stage = next(s for s in method.stages if not folder.stage_done(s))
+        last = folder.last_checkpoint(stage)
+        kept = (f"The last good checkpoint is kept: {last} (step {_checkpoint_step(last)}); a resume with the same "
+                "config would diverge again." if last.exists() else
+                f"No checkpoint of this stage was written before it (trainer.checkpoint_every_n_steps="
+                f"{cfg.trainer.checkpoint_every_n_steps}).")
+        if is_zero:
+            folder.update_state(failed=f"{e} {kept}")
+        raise SystemExit(f"error: {e} {kept} No row was stored.") from None
+    _check_finite(method, "before sampling")
+
+    metrics: dict = {}
+    sample_seconds, check = None, None
+    if is_zero:
+        from evaluation.sanity import check_samples
+
         n = cfg.sample.num_videos
         videos, cond, sample_seconds = sample_videos(cfg, method, dm, n, cfg.seed)
-        grid = write_samples(videos, cond, run_dir / "samples", cfg.sample.fps, dm.class_names)
-        _log_grid(run_dir, grid)
+        check = check_samples(videos, _real_motion(dm))
+        grid = write_samples(videos, cond, folder.samples_dir, cfg.sample.fps, dm.class_names)
+        _log_grid(folder.path, grid)
         print(f"wrote {n} samples and {grid} ({sample_seconds:.2f} s per video)")
     if cfg.eval.metrics:
         from evaluation.protocol import evaluate_run
 
-        metrics = evaluate_run(cfg, method, dm, run_dir)
+        metrics = evaluate_run(cfg, method, dm, folder.path)
     wall = time.perf_counter() - t_start
-    row = results_row(cfg, method, dm, stages, metrics, sample_seconds, wall, run_dir)
+    row = results_row(cfg, method, dm, stages, metrics, sample_seconds, wall, folder.path)
+    if check is not None:
+        row.update(status=check["status"], flags=check["flags"], sample_check=check)
+    row["resumed"] = resumed
+    row["check_estimate_seconds"] = plan.train_estimate
     if is_zero:
-        (run_dir / "metrics.json").write_text(json.dumps(row, indent=2, default=str))
+        folder.write_metrics(row)
         append_row(cfg.results, row)
+        folder.update_state(row_appended=True, results=str(cfg.results), config_sha256=row["config_sha256"])
         print(summary_line(row))
     return row
 
@@ -293,7 +467,7 @@ def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wa
         "sample_seconds_per_video": sample_seconds, "wall_seconds": wall,
         "gflops_per_video": sample_gflops(cfg, dm),  # every sampling step and the decoder (benchmarks.efficiency)
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "skipped_videos": sum(dm.dataset(s).skipped for s in dm._datasets),
+        "skipped_videos": dm.skipped_videos, "short_videos": dm.short_videos,  # distinct files, over every split
         **metrics,
         "config_sha256": config_hash(cfg), "run_dir": str(run_dir), "time": datetime.now().isoformat(timespec="seconds"),
         **git_state(), "versions": library_versions(), "config": to_container(cfg),
@@ -303,6 +477,8 @@ def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wa
 def summary_line(row: dict) -> str:
     keys = [k for k in ("fvd", "is", "clipsim", "cond_acc", "rfvd") if row.get(k) is not None]
     scores = " ".join(f"{k}={row[k]:.3g}" for k in keys) or "no metrics (eval.metrics is empty)"
+    if row.get("status", "ok") != "ok":
+        scores = f"{row['status'].upper()} SAMPLES ({'; '.join(row.get('flags', []))}), not a result: {scores}"
     return (f"{row['method']} on {row['dataset']}: {scores} | train {row['train_seconds']:.0f}s, "
             f"sampling {row['sample_seconds_per_video'] or 0:.2f}s/video, wall {row['wall_seconds']:.0f}s | {row['run_dir']}")
 

@@ -58,8 +58,13 @@ class VideoDataset(Dataset):
 
     @property
     def skipped(self) -> int:
-        """How many source files were skipped as unreadable (logged with the run's results)."""
+        """How many source files this split skipped as missing or unreadable."""
         return 0
+
+    @property
+    def skip_paths(self) -> dict[str, list[str]]:
+        """The files this split skipped, by kind: {"missing": [...], "unreadable": [...], "short": [...]}."""
+        return {"missing": [], "unreadable": [], "short": []}
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -117,6 +122,37 @@ class VideoDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=bs, shuffle=shuffle, drop_last=drop_last, collate_fn=collate_items,
                           num_workers=self.loader.num_workers, pin_memory=self.loader.pin_memory,
                           persistent_workers=self.loader.num_workers > 0, generator=g)
+
+    # ---------------------------------------------------------------- faults, per file over splits
+    # A file listed by two splits (UCF-101's "all" mode, WebVid's val and test) counts once.
+    # Only splits built so far (`dataset(split)`) are looked at.
+
+    def skip_report(self) -> dict[str, list[str]]:
+        """Unique sorted paths of the missing, unreadable and (dropped) short files of every built split."""
+        out: dict[str, set[str]] = {"missing": set(), "unreadable": set(), "short": set()}
+        for ds in self._datasets.values():
+            for kind, paths in ds.skip_paths.items():
+                out.setdefault(kind, set()).update(paths)
+        return {kind: sorted(paths) for kind, paths in out.items()}
+
+    def skipped_files(self) -> list[str]:
+        """Unique sorted paths of the files skipped as missing or unreadable (corrupt) in any built split."""
+        report = self.skip_report()
+        return sorted(set(report["missing"]) | set(report["unreadable"]))
+
+    @property
+    def skipped_videos(self) -> int:
+        """How many distinct files were skipped as missing or unreadable: `len(skipped_files())`."""
+        return len(self.skipped_files())
+
+    def short_files(self) -> list[str]:
+        """Unique sorted paths of the videos dropped as shorter than one clip (none with dataset.loop_short=true)."""
+        return self.skip_report()["short"]
+
+    @property
+    def short_videos(self) -> int:
+        """How many distinct videos were dropped as shorter than one clip: `len(short_files())`."""
+        return len(self.short_files())
 
     @property
     def num_classes(self) -> int:

@@ -17,7 +17,12 @@ Faults (never crash a run on one bad file)
     unreadable found at setup by the validation probe (`validate`, cached in an index file)
                or while decoding in `__getitem__`: the item is replaced by the next good
                index (deterministic), a warning is issued once per file, and it is counted.
-    short      shorter than one clip: looped (`loop_short`) or skipped and counted.
+    short      shorter than one clip ((frames - 1) * stride + 1 source frames): skipped and
+               counted, with one `ShortVideoWarning` per split naming the first few files and
+               the count; `dataset.loop_short=true` loops them (repeated frames) instead.
+Every fault is recorded per file: `skip_paths` lists the files of each kind, and
+`VideoDataModule.skipped_files()` / `short_files()` merge them over splits (a bad file read by
+two splits counts once).
 Counts found inside DataLoader worker processes reach the main process through a shared
 byte array (one flag per video, `multiprocessing.RawArray`, inherited by forked and
 pickled to spawned workers), so `skipped` and `skip_counts` read in the main process
@@ -49,6 +54,13 @@ MAX_SUBSTITUTES = 64  # consecutive bad videos tolerated before an item gives up
 
 class CorruptVideoWarning(UserWarning):
     """A video file could not be decoded and was skipped."""
+
+
+class ShortVideoWarning(UserWarning):
+    """Videos shorter than one clip were skipped (set dataset.loop_short=true to loop them)."""
+
+
+SHOW_FILES = 3  # files named in a fault warning
 
 
 class _Skip(Exception):
@@ -109,6 +121,9 @@ class FileVideoDataset(VideoDataset):
             samples = [samples[i] for i in sorted(keep)]
         present = [s for s in samples if s.path.exists()]
         self._counts = {"missing": len(samples) - len(present), "unreadable": 0, "short": 0}
+        # the files behind the setup counts (files found bad later are flagged in `_flags`)
+        self._paths: dict[str, list[str]] = {"missing": [str(s.path) for s in samples if not s.path.exists()],
+                                             "unreadable": [], "short": []}
         self.infos: list[VideoInfo] | None = None
         if cfg.validate:
             present, self.infos = self._validate(present)
@@ -181,9 +196,22 @@ class FileVideoDataset(VideoDataset):
                 "short": self._counts["short"] + int((flags == SHORT).sum())}
 
     @property
+    def skip_paths(self) -> dict[str, list[str]]:
+        """The files behind `skip_counts`: missing / unreadable / short paths, including worker finds."""
+        flags = np.frombuffer(self._flags, dtype=np.int8)
+        found = {kind: [str(self.samples[i].path) for i in np.flatnonzero(flags == flag)]
+                 for kind, flag in (("unreadable", UNREADABLE), ("short", SHORT))}
+        return {"missing": list(self._paths["missing"]), "unreadable": self._paths["unreadable"] + found["unreadable"],
+                "short": self._paths["short"] + found["short"]}
+
+    @property
     def skipped(self) -> int:
         c = self.skip_counts
         return c["missing"] + c["unreadable"]
+
+    def _clip_frames(self) -> int:
+        """Source frames one clip spans at `dataset.stride` (what a shorter video lacks)."""
+        return (self.cfg.frames - 1) * self.cfg.stride + 1
 
     # ----------------------------------------------------------------------------------- items
 
@@ -215,6 +243,11 @@ class FileVideoDataset(VideoDataset):
         if self._flags[i] == OK and reason == UNREADABLE:  # another worker may have warned already
             warnings.warn(f"skipping unreadable video {self.samples[i].path}: {message}", CorruptVideoWarning,
                           stacklevel=3)
+        if reason == SHORT and not self._paths["short"] and not (np.frombuffer(self._flags, np.int8) == SHORT).any():
+            # the first short video of this split (setup found none): one warning, later ones are only counted
+            warnings.warn(f"{self.cfg.name} {self.split}: skipping video {self.samples[i].path} ({message}); further "
+                          f"short videos are skipped without a warning and counted (`skip_counts`); set "
+                          f"dataset.loop_short=true to loop short videos instead", ShortVideoWarning, stacklevel=3)
         self._flags[i] = reason
 
     def _decode(self, i: int, offset: float, crop: tuple[float, float]):
@@ -225,7 +258,7 @@ class FileVideoDataset(VideoDataset):
             timing = ClipTiming.of(cfg.frames, cfg.stride, cfg.fps, info.fps)
             short = not timing.fits(info)
             if short and not cfg.loop_short:
-                raise _Skip(SHORT, f"{info.num_frames} frames is shorter than one clip")
+                raise _Skip(SHORT, self._short_message(info))
             start = timing.start(offset, info)
             kw = {"step": timing.step, "threads": cfg.decode_threads, "folder_fps": cfg.folder_fps}
             frames = read_clip(path, cfg.frames, start=start, **kw)
@@ -278,18 +311,35 @@ class FileVideoDataset(VideoDataset):
             os.replace(tmp, index_path)
 
         kept, infos = [], []
+        short: list[str] = []
         for s, e in zip(samples, entries):
             if len(e) == 4:  # stamp + error message
                 self._counts["unreadable"] += 1
+                self._paths["unreadable"].append(str(s.path))
                 warnings.warn(f"skipping unreadable video {s.path}: {e[3]}", CorruptVideoWarning, stacklevel=3)
                 continue
             info = VideoInfo(*e[3:])
             if not (cfg.loop_short or ClipTiming.of(cfg.frames, cfg.stride, cfg.fps, info.fps).fits(info)):
-                self._counts["short"] += 1
+                short.append(f"{s.path} ({self._short_message(info)})")
+                self._paths["short"].append(str(s.path))
                 continue
             kept.append(s)
             infos.append(info)
+        self._counts["short"] = len(short)
+        if short:
+            more = f" and {len(short) - SHOW_FILES} more" if len(short) > SHOW_FILES else ""
+            warnings.warn(f"{cfg.name} {self.split}: skipping {len(short)} of {len(samples)} videos shorter than one "
+                          f"clip: {'; '.join(short[:SHOW_FILES])}{more}. Set dataset.loop_short=true to loop short "
+                          f"videos (repeated frames) instead", ShortVideoWarning, stacklevel=3)
         return kept, infos
+
+    def _short_message(self, info: VideoInfo) -> str:
+        cfg = self.cfg
+        if cfg.fps:
+            return (f"{info.duration:.2f} s long, one clip of {cfg.frames} frames at dataset.fps={cfg.fps:g} "
+                    f"needs {(cfg.frames - 1) / cfg.fps + 1 / info.fps:.2f} s")
+        return (f"{info.num_frames} frames, one clip of dataset.frames={cfg.frames} at dataset.stride={cfg.stride} "
+                f"needs {self._clip_frames()}")
 
     # ----------------------------------------------------------------------------------- cache
 

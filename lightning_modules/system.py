@@ -7,6 +7,9 @@ checkpoints, precision, clipping, DDP, logging) is Lightning's.
 
 from __future__ import annotations
 
+import math
+import time
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
@@ -14,8 +17,17 @@ from lightning.pytorch.callbacks import WeightAveraging
 from methods.base import VideoBatch, VideoGenerator
 
 
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight: the stage stops before it is stored."""
+
+
 class StageSystem(L.LightningModule):
-    """Trains `method.stage_parameters(stage)`; every other parameter is frozen for the stage."""
+    """Trains `method.stage_parameters(stage)`; every other parameter is frozen for the stage.
+
+    Guards: a non-finite loss, gradient norm or weight stops the stage with a `DivergenceError`
+    before the optimiser applies it or a checkpoint stores it, so `last.ckpt` stays the last good
+    state. Training seconds accumulate across resumes in the checkpoint (`train_seconds`).
+    """
 
     def __init__(self, method: VideoGenerator, stage: str, *, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
@@ -29,9 +41,54 @@ class StageSystem(L.LightningModule):
             raise ValueError(f"stage {stage!r} of {type(method).__name__} has no parameters to train")
         for p in method.parameters():
             p.requires_grad_(id(p) in trainable)
+        self.prior_seconds = 0.0  # training seconds of earlier attempts (restored from the checkpoint)
+        self._started: float | None = None
+
+    # --- the divergence guard ----------------------------------------------------------------------
+
+    def _diverged(self, what: str) -> DivergenceError:
+        step = self.global_step
+        return DivergenceError(
+            f"stage {self.stage!r} diverged at step {step}: {what} (learning rate {self.current_lr():.3g}). "
+            f"Nothing of this step was stored. Try a lower learning rate "
+            f"(stages.{self.stage}.lr or optim.lr, e.g. {self.lr / 10:.3g}), gradient clipping "
+            f"(trainer.gradient_clip_val=1.0), a longer warm-up (optim.warmup_steps), or trainer.precision=32-true.")
+
+    def current_lr(self) -> float:
+        try:
+            return float(self.optimizers().param_groups[0]["lr"])
+        except (RuntimeError, AttributeError, IndexError):
+            return self.lr
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.method.parameters() if p.grad is not None]
+        if grads:
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+            if not math.isfinite(norm):
+                raise self._diverged(f"the gradient norm is {norm}")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        for name, p in self.method.named_parameters():
+            if p.requires_grad and not torch.isfinite(p).all():
+                raise self._diverged(f"parameter {name} holds non-finite values")
+        checkpoint["train_seconds"] = self.train_seconds()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.prior_seconds = float(checkpoint.get("train_seconds", 0.0))
+
+    def on_train_start(self) -> None:
+        self._started = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Seconds spent training this stage, over every attempt (resumes included)."""
+        return self.prior_seconds + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    # --- the step ----------------------------------------------------------------------------------
 
     def training_step(self, batch: VideoBatch, batch_idx: int) -> torch.Tensor:
         out = self.method.loss(self.stage, batch)
+        if not torch.isfinite(out["loss"].detach()).all():
+            raise self._diverged(f"the loss is {float(out['loss'].detach())}")
         logs = {f"{self.stage}/{k}": v.detach().float() for k, v in out.items()}
         self.log_dict(logs, prog_bar=False, batch_size=len(batch), sync_dist=False)
         self.log("loss", out["loss"].detach().float(), prog_bar=True, logger=False, batch_size=len(batch))

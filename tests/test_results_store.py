@@ -84,8 +84,11 @@ def test_a_killed_run_leaves_no_row_and_resumes_from_its_checkpoint(tmp_path, ca
     assert not (run_dir / "checkpoints" / "denoiser" / "final.pt").exists(), "the stage finished before the kill"
     assert not (tmp_path / "results.jsonl").exists() or read_rows(tmp_path / "results.jsonl") == []
 
+    trained_before = torch.load(last, map_location="cpu", weights_only=False)["train_seconds"]
+    assert trained_before > 0
     row = run.main(args)  # the same command again: continues from last.ckpt
     assert "resuming from" in capsys.readouterr().out
+    assert row["stage_seconds"]["denoiser"] > trained_before  # the time before the kill is counted
     rows = read_rows(tmp_path / "results.jsonl")
     assert len(rows) == 1 and rows[0]["config_sha256"] == row["config_sha256"] and row["run_dir"] == str(run_dir)
     assert (run_dir / "checkpoints" / "denoiser" / "final.pt").exists()
@@ -93,7 +96,12 @@ def test_a_killed_run_leaves_no_row_and_resumes_from_its_checkpoint(tmp_path, ca
 
 
 def test_a_truncated_checkpoint_restarts_the_stage_instead_of_failing(tmp_path):
+    from benchmarks.config import load_config
+    from benchmarks.run_folder import RunFolder
+
     run_dir = tmp_path / "runs" / "truncated"
+    cfg = load_config(_args(tmp_path, "method=vdm", f"run_dir={run_dir}"))
+    RunFolder(run_dir).save_config(cfg)  # the run had started
     stage_dir = run_dir / "checkpoints" / "denoiser"
     stage_dir.mkdir(parents=True)
     (stage_dir / "last.ckpt").write_bytes(b"PK\x03\x04 half a checkpoint")  # a write cut short by a kill

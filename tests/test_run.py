@@ -43,9 +43,12 @@ def test_run_writes_samples_grid_config_logs_and_one_row(tmp_path, name):
 
 def test_rerun_in_the_same_folder_resumes_finished_stages(tmp_path):
     first = run.main(_args(tmp_path))
+    (Path(first["run_dir"]) / "state.json").unlink()  # as if the run had stopped after training
+    (Path(first["run_dir"]) / "metrics.json").unlink()
     second = run.main(_args(tmp_path, f"run_dir={first['run_dir']}"))
     assert second["train_seconds"] == pytest.approx(first["train_seconds"])  # nothing retrained
-    assert len(read_rows(tmp_path / "results.jsonl")) == 2
+    assert {s: r for s, r in second["stage_seconds"].items()} == first["stage_seconds"]
+    assert len(read_rows(tmp_path / "results.jsonl")) == 2  # its row had not been recorded as appended
 
 
 def test_typo_fails_fast_naming_the_key():
