@@ -16,7 +16,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from evaluation.frechet import COVARIANCES, GaussianStats, fvd_from_stats
+from evaluation.frechet import COVARIANCES, MATRIX_SQRTS, Frechet, GaussianStats, frechet_from_stats
 
 
 class FVD(Metric):
@@ -25,20 +25,26 @@ class FVD(Metric):
     update(features (B, d), real=False) streams generated (or real) features. The real side
     may instead be a cached `GaussianStats` given to `set_reference`. covariance: "biased"
     (divide by N, StyleGAN-V, the default) or "unbiased" (N - 1, VideoGPT / torchmetrics).
+    sqrt: "scipy" (scipy.linalg.sqrtm, the default) or "svd" (tf-gan's form, VideoGPT lineage).
+    After `compute()`, `fallback_eps` / `sqrt_method` say how the matrix square root was taken
+    (None / "sqrtm" on the plain path; see `evaluation.frechet.frechet`).
     """
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, covariance: str = "biased", **kwargs) -> None:
+    def __init__(self, covariance: str = "biased", sqrt: str = "scipy", **kwargs) -> None:
         super().__init__(**kwargs)
         if covariance not in COVARIANCES:
             raise ValueError(f"covariance must be one of {COVARIANCES}; got {covariance!r}")
-        self.covariance = covariance
+        if sqrt not in MATRIX_SQRTS:
+            raise ValueError(f"eval.matrix_sqrt must be one of {MATRIX_SQRTS}; got {sqrt!r}")
+        self.covariance, self.sqrt = covariance, sqrt
         self.add_state("fake", default=[], dist_reduce_fx="cat")
         self.add_state("real", default=[], dist_reduce_fx="cat")
         self.reference: GaussianStats | None = None
+        self.frechet_result: Frechet | None = None  # the last compute()'s value and numerical path
 
     def update(self, features: Tensor, real: bool = False) -> None:
         if features.ndim != 2:
@@ -62,8 +68,19 @@ class FVD(Metric):
 
     def compute(self) -> Tensor:
         real = self.reference if self.reference is not None else self._stats("real")
-        d = fvd_from_stats(self._stats("fake"), real, unbiased=self.covariance == "unbiased")
-        return torch.tensor(d, dtype=torch.float64)
+        self.frechet_result = frechet_from_stats(self._stats("fake"), real, unbiased=self.covariance == "unbiased",
+                                                 sqrt=self.sqrt)
+        return torch.tensor(self.frechet_result.value, dtype=torch.float64)
+
+    @property
+    def fallback_eps(self) -> float | None:
+        """The eps added to both covariances by the last compute() (None: the plain sqrtm path; 0.0: eigh)."""
+        return self.frechet_result.fallback_eps if self.frechet_result is not None else None
+
+    @property
+    def sqrt_method(self) -> str | None:
+        """"sqrtm", "sqrtm+eps" or "eigh": how the last compute() took the matrix square root."""
+        return self.frechet_result.method if self.frechet_result is not None else None
 
 
 def inception_score(probs: np.ndarray, splits: int = 10, shuffle_seed: int | None = 42) -> tuple[float, float]:

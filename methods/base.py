@@ -100,7 +100,11 @@ class VideoGenerator(nn.Module):
         generator: torch.Generator | None = None,
         eta: float = 0.0,
     ) -> Tensor:
-        """n videos (n, C, T, H, W) in [-1, 1]."""
+        """n videos (n, C, T, H, W) in [-1, 1].
+
+        guidance: the classifier-free guidance scale s in eps(null) + s (eps(c) - eps(null))
+        (`methods.diffusion.cfg_combine`); 1 is no guidance and skips the unconditional pass.
+        """
         raise NotImplementedError
 
     @property

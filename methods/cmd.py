@@ -63,8 +63,8 @@ class MotionConfig:
 class CMDSamplingConfig:
     content_steps: int | None = None  # DDIM steps for the content frame; None: the run's sample.steps (paper 50)
     motion_steps: int | None = None  # DDIM steps for z; None: 2 x the run's sample.steps (paper 100)
-    content_guidance: float | None = None  # CFG weight w; None: the run's sample.guidance
-    motion_guidance: float | None = None  # CFG weight w; None: the run's sample.guidance
+    content_guidance: float | None = None  # CFG scale s (1: none); None: the run's sample.guidance
+    motion_guidance: float | None = None  # CFG scale s (1: none); None: the run's sample.guidance
 
 
 @dataclass
@@ -228,8 +228,11 @@ class MotionDenoiser(nn.Module):
         return torch.rand(n, device=device) < p
 
     def guided(self, cond: Conditioning | None, content: Tensor, guidance: float) -> D.Model:
-        """model(z_t, t) -> eps with CFG: eps = (1 + w) eps(c, content) - w eps(null, content), one doubled batch."""
-        if guidance == 0 or not self.embedder.enabled:
+        """model(z_t, t) -> eps with CFG scale s: eps(null, content) + s (eps(c, content) - eps(null, content)).
+
+        One doubled batch; s = 1 (or an unconditional model) runs the conditional branch alone.
+        """
+        if guidance == D.NO_GUIDANCE or not self.embedder.enabled:
             return lambda z_t, t: self(z_t, t, content, cond)
 
         def model(z_t: Tensor, t: Tensor) -> Tensor:

@@ -153,18 +153,29 @@ def diffusion_loss(model: Model, x0: Tensor, t: Tensor, alpha_bar: Tensor, noise
 # --- classifier-free guidance ------------------------------------------------------------
 
 
-def cfg_combine(eps_cond: Tensor, eps_uncond: Tensor, guidance: float) -> Tensor:
-    """eps = (1 + w) eps(c) - w eps(null) (Ho & Salimans 2022, eq. 6); w = 0 is no guidance."""
-    return eps_cond + guidance * (eps_cond - eps_uncond)
+GUIDANCE_CONVENTION = "s: eps(null) + s*(eps(c) - eps(null))"  # recorded with every result (evaluation.protocol)
+NO_GUIDANCE = 1.0  # the guidance scale s that leaves the conditional prediction unchanged
+
+
+def cfg_combine(eps_cond: Tensor, eps_uncond: Tensor, scale: float) -> Tensor:
+    """eps = eps(null) + s (eps(c) - eps(null)): classifier-free guidance with scale s.
+
+    s = 1 is the conditional prediction (no guidance), s = 0 the unconditional one; s = 1 + w is
+    Ho & Salimans' (2022, eq. 6) (1 + w) eps(c) - w eps(null). This is the convention of the
+    official CMD / DiT / GLIDE code (`cfg_scale`) and of diffusers (`guidance_scale`). Evaluated
+    as eps(c) + (s - 1) (eps(c) - eps(null)), the same value, so that s = w + 1 reproduces the
+    former w-convention results bit for bit.
+    """
+    return eps_cond + (scale - NO_GUIDANCE) * (eps_cond - eps_uncond)
 
 
 def guided(model_cond: Model, model_uncond: Model, guidance: float) -> Model:
-    """A denoiser applying CFG. With w = 0 the unconditional model is never called.
+    """A denoiser applying CFG with scale s = `guidance`. With s = 1 the unconditional model is never called.
 
     Both branches run as one doubled batch when they are the same callable with a
     `cond` keyword; here they are separate callables, so the caller decides batching.
     """
-    if guidance == 0:
+    if guidance == NO_GUIDANCE:
         return model_cond
     return lambda x_t, t: cfg_combine(model_cond(x_t, t), model_uncond(x_t, t), guidance)
 

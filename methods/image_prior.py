@@ -157,7 +157,7 @@ class ImagePrior(nn.Module):
         return per_sample.mean()
 
     def eps_model(self, cond: Conditioning | None, guidance: float) -> D.Model:
-        """model(x_t, t) -> eps with classifier-free guidance weight `guidance`."""
+        """model(x_t, t) -> eps with classifier-free guidance scale s = `guidance` (1: none)."""
         return D.as_eps_model(self.denoiser.guided(cond, guidance), self.alpha_bar, self.cfg.diffusion.objective)
 
     @torch.no_grad()

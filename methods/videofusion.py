@@ -177,7 +177,7 @@ class VideoFusion(VideoGenerator):
     # --- sampling -------------------------------------------------------------------------------
 
     def eps_model(self, cond: Conditioning, guidance: float) -> D.Model:
-        """model(x_t, t) -> eps_hat for every frame (eq. 10), classifier-free guided in both generators."""
+        """model(x_t, t) -> eps_hat for every frame (eq. 10), classifier-free guided (scale s) in both generators."""
         base = self.base.denoiser.guided(cond, guidance)
         null = torch.ones(len(cond), dtype=torch.bool, device=self.lam.device) if len(cond) else None
 
@@ -185,7 +185,7 @@ class VideoFusion(VideoGenerator):
             eps_base = base(x_t[:, :, self.key], t)  # (B, C, H, W)
             x_res = self._remove_base(x_t, t, eps_base)
             r_hat = self._residual(x_res, t, cond, None)
-            if guidance != 0 and null is not None:
+            if guidance != D.NO_GUIDANCE and null is not None:
                 r_hat = D.cfg_combine(r_hat, self._residual(x_res, t, cond, null), guidance)
             lam = self._lam(x_t)
             return lam.sqrt() * eps_base[:, :, None] + (1 - lam).sqrt() * r_hat

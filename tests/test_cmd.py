@@ -69,7 +69,7 @@ def test_shapes_through_every_stage(init, content):
     content_frame, z = cmd.encode(batch.video)
     assert content_frame.shape == (4, 3, RES, RES)
     assert z.shape == (4, 4, FRAMES, RES // 2 + RES // 2) and z.abs().max() <= 1
-    video = cmd.sample(3, Conditioning(label=torch.tensor([0, 1, 2])), steps=2, guidance=1.5,
+    video = cmd.sample(3, Conditioning(label=torch.tensor([0, 1, 2])), steps=2, guidance=2.5,
                        generator=torch.Generator().manual_seed(0))
     assert video.shape == (3, *DATA.video_shape) and video.abs().max() <= 1
     rec = cmd.reconstruct(batch.video)
@@ -120,8 +120,8 @@ def test_conditioning_reaches_the_motion_dit():
     # the null label (CFG) differs from a real one, and guidance moves the prediction away from it
     null = cmd.motion(z_t, t, content, Conditioning(label=torch.tensor([0, 0])), drop=torch.tensor([True, True]))
     assert (null - eps).abs().max() > 1e-3
-    guided = cmd.motion.guided(Conditioning(label=torch.tensor([0, 0])), content, 2.0)(z_t, t)
-    assert torch.allclose(guided, eps + 2.0 * (eps - null), atol=1e-4)
+    guided = cmd.motion.guided(Conditioning(label=torch.tensor([0, 0])), content, 3.0)(z_t, t)
+    assert torch.allclose(guided, null + 3.0 * (eps - null), atol=1e-4)  # scale s: eps(null) + s (eps(c) - eps(null))
 
 
 @pytest.mark.parametrize("grid", [(4, 8), (8, 16), (6, 10)])
@@ -199,11 +199,11 @@ def test_sampling_step_counts():
     cmd.content.denoiser.backbone.register_forward_hook(lambda *_: calls.__setitem__("content", calls["content"] + 1))
     cmd.motion.net.register_forward_hook(lambda *_: calls.__setitem__("motion", calls["motion"] + 1))
     cond = Conditioning(label=torch.tensor([0, 1]))
-    cmd.sample(2, cond, steps=7, guidance=1.0)
+    cmd.sample(2, cond, steps=7, guidance=2.0)
     assert calls == {"content": 2, "motion": 3}  # tiny_config: content_steps=2, motion_steps=3
     cmd.cfg.sampling = CMDSamplingConfig()
     calls.update(content=0, motion=0)
-    cmd.sample(2, cond, steps=4, guidance=0.0)
+    cmd.sample(2, cond, steps=4, guidance=1.0)
     assert calls == {"content": 4, "motion": 8}
 
 
@@ -213,7 +213,7 @@ def test_text_conditioning():
     batch = shapes_batch()
     for stage in cmd.stages:
         assert torch.isfinite(cmd.loss(stage, batch)["loss"])
-    video = cmd.sample(2, Conditioning(text=batch.text[:2]), steps=2, guidance=1.0)
+    video = cmd.sample(2, Conditioning(text=batch.text[:2]), steps=2, guidance=2.0)
     assert video.shape == (2, *DATA.video_shape)
 
 

@@ -29,7 +29,7 @@ def test_lean_prior_loss_and_sample():
     assert torch.equal(prior.encode(x0), x0)
     loss = prior.loss(x0, Conditioning(label=torch.tensor([0, 1, 2, 0])))
     assert loss.ndim == 0 and torch.isfinite(loss)
-    out = prior.sample(2, Conditioning(label=torch.tensor([0, 1])), steps=2, guidance=2.0,
+    out = prior.sample(2, Conditioning(label=torch.tensor([0, 1])), steps=2, guidance=3.0,
                        generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 16, 16) and out.abs().max() <= 1
 
@@ -70,7 +70,7 @@ def test_diffusers_prior_loads_and_runs(tiny_diffusers):
     loss.backward()
     assert torch.isfinite(loss)
     assert any(p.grad is not None for p in prior.trainable_parameters())
-    img = prior.decode(prior.sample(2, Conditioning(label=torch.tensor([0, 1])), steps=2, guidance=1.0))
+    img = prior.decode(prior.sample(2, Conditioning(label=torch.tensor([0, 1])), steps=2, guidance=2.0))
     assert img.shape == (2, 3, 16, 16) and img.abs().max() <= 1
 
 
@@ -91,6 +91,6 @@ def test_cmd_latent_mode_with_diffusers_prior(tiny_diffusers):
         assert torch.isfinite(cmd.loss(stage, batch)["loss"]), stage
     content, z = cmd.encode(video)
     assert content.shape == (2, 4, 8, 8) and z.shape == (2, 4, 4, 8)  # z over the 4x4 latent patch grid
-    out = cmd.sample(2, Conditioning(label=torch.tensor([0, 1])), steps=2, guidance=1.0)
+    out = cmd.sample(2, Conditioning(label=torch.tensor([0, 1])), steps=2, guidance=2.0)
     assert out.shape == (2, 3, 4, 16, 16) and out.abs().max() <= 1
     assert cmd.reconstruct(video).shape == video.shape

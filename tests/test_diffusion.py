@@ -87,9 +87,34 @@ def test_ddim_step_matches_diffusers(eta):
 
 
 def test_cfg_combine_formula():
-    c, u = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0])
-    assert torch.allclose(D.cfg_combine(c, u, 0.0), c)
-    assert torch.allclose(D.cfg_combine(c, u, 2.0), 3 * c - 2 * u)  # (1 + w) eps_c - w eps_u
+    """Scale convention: eps(null) + s (eps(c) - eps(null)); s = 1 conditional, s = 0 unconditional, affine in s."""
+    g = torch.Generator().manual_seed(0)
+    c, u = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=g,
+                                                                                    dtype=torch.float64)
+    assert torch.equal(D.cfg_combine(c, u, 1.0), c)  # exactly: (s - 1) = 0
+    assert torch.allclose(D.cfg_combine(c, u, 0.0), u, atol=1e-15)
+    for s in (-0.5, 2.0, 4.0, 7.5):
+        assert torch.allclose(D.cfg_combine(c, u, s), u + s * (c - u), atol=1e-14)
+        assert torch.allclose(D.cfg_combine(c, u, s), (1 - s) * u + s * c, atol=1e-14)
+    # linear in (eps(c), eps(null)) jointly, affine in s
+    c2, u2 = torch.randn_like(c), torch.randn_like(u)
+    assert torch.allclose(D.cfg_combine(2 * c + c2, 2 * u + u2, 3.0), 2 * D.cfg_combine(c, u, 3.0)
+                          + D.cfg_combine(c2, u2, 3.0), atol=1e-13)
+    a, b = D.cfg_combine(c, u, 2.0), D.cfg_combine(c, u, 5.0)
+    assert torch.allclose(D.cfg_combine(c, u, 3.5), (a + b) / 2, atol=1e-14)
+    # the former w convention, (1 + w) eps(c) - w eps(null), is s = w + 1, bit for bit
+    for w in (0.0, 1.0, 1.5, 4.0, 6.0):
+        assert torch.equal(D.cfg_combine(c, u, w + 1), c + w * (c - u))
+
+
+def test_guided_scale_one_never_calls_the_unconditional_model():
+    calls = []
+    cond = lambda x, t: x + 1  # noqa: E731
+    uncond = lambda x, t: calls.append(1) or x  # noqa: E731
+    x, t = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    assert D.guided(cond, uncond, 1.0) is cond and not calls
+    assert torch.allclose(D.guided(cond, uncond, 3.0)(x, t), x + 3) and calls == [1]
+    assert torch.allclose(D.guided(cond, uncond, 0.0)(x, t), x)
 
 
 def test_noise_fn_is_used_by_the_sampler():

@@ -84,12 +84,12 @@ def test_samples_start_from_the_given_first_frame_and_depend_on_it(name):
     method.eval()
     first = batch.first_frame
     cond = Conditioning(label=batch.label, first_frame=first)
-    a = method.sample(2, cond, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    a = method.sample(2, cond, steps=2, guidance=2.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a[:, :, 0], first.clamp(-1, 1))
     # the denoiser sees the first frame through E(x_1): another first frame gives another generated target
     other = Conditioning(label=batch.label, first_frame=first.flip(-1))
-    za = method.generate(first, cond, 2, 0.0, torch.Generator().manual_seed(0), 0.0)
-    zb = method.generate(other.first_frame, other, 2, 0.0, torch.Generator().manual_seed(0), 0.0)
+    za = method.generate(first, cond, 2, 1.0, torch.Generator().manual_seed(0), 0.0)
+    zb = method.generate(other.first_frame, other, 2, 1.0, torch.Generator().manual_seed(0), 0.0)
     assert not torch.allclose(za, zb)
 
 
@@ -97,7 +97,7 @@ def test_samples_start_from_the_given_first_frame_and_depend_on_it(name):
 def test_sampling_without_a_first_frame_says_what_is_missing(name):
     method, batch = _build(name)
     with pytest.raises(ValueError, match="first_frame"):
-        method.sample(2, Conditioning(label=batch.label), steps=2, guidance=0.0)
+        method.sample(2, Conditioning(label=batch.label), steps=2, guidance=1.0)
 
 
 def test_edvdm_target_packs_normalised_motion_vectors_and_residual_latents():

@@ -83,7 +83,7 @@ def test_the_shortened_count_for_paper_sizes_matches_the_full_count(name):
 
 
 def test_every_sampling_step_and_the_cfg_batch_are_counted():
-    cfg, dm, build = _setup("vdm", "sample.guidance=1.0")
+    cfg, dm, build = _setup("vdm", "sample.guidance=2.0")
     model = build()
     x = torch.randn(2, *model.data.video_shape)  # CFG evaluates the conditional and the null branch together
     with eff.count_flops() as (counter, _):

@@ -60,7 +60,7 @@ def test_callback_samples_the_ema_weights(tmp_path, eval_first):
     cfg = OmegaConf.create({"eval": OmegaConf.structured(EvalConfig(metrics=["fvd"], num_samples=4, num_real=8,
                                                                      batch_size=4)),
                             "seed": 0, "cache_dir": str(tmp_path), "trainer": {"precision": "32-true"},
-                            "method": {"name": "drift"}, "sample": {"steps": 1, "guidance": 0.0, "eta": 0.0}})
+                            "method": {"name": "drift"}, "sample": {"steps": 1, "guidance": 1.0, "eta": 0.0}})
     method = Drift()
     ema = EMA(decay=0.9)
     spy = Spy(cfg, dm, every_n_steps=3)

@@ -43,8 +43,8 @@ def test_sample_shape_range_and_seed(name):
     cfg, dm, method, _ = _setup(name)
     cond = real_conditioning(dm, 2, first_frame=method.image_to_video)
     method.eval()
-    a = method.sample(2, cond, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(0))
-    b = method.sample(2, cond, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    a = method.sample(2, cond, steps=2, guidance=2.0, generator=torch.Generator().manual_seed(0))
+    b = method.sample(2, cond, steps=2, guidance=2.0, generator=torch.Generator().manual_seed(0))
     assert a.shape == (2, *method.data.video_shape)
     assert a.min() >= -1 and a.max() <= 1 and torch.isfinite(a).all()
     assert torch.equal(a, b), "the same generator must give the same samples"
@@ -70,10 +70,10 @@ def test_class_condition_reaches_the_samples(name):
             p.add_(0.05 * torch.randn_like(p))
     method.eval()
     base = real_conditioning_for(method, batch)
-    a = method.sample(2, base, steps=2, guidance=0.0, generator=torch.Generator().manual_seed(0))
+    a = method.sample(2, base, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(0))
     flipped = Conditioning(label=(base.label + 1) % method.data.num_classes, text=base.text,
                            first_frame=base.first_frame)
-    b = method.sample(2, flipped, steps=2, guidance=0.0, generator=torch.Generator().manual_seed(0))
+    b = method.sample(2, flipped, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(a, b), "changing the class label did not change the samples"
 
 

@@ -192,7 +192,7 @@ def test_sample_long_chains_clips_on_the_previous_latent():
     randomise(pvdm)
     pvdm.eval()
     cond = Conditioning(label=torch.tensor([0, 2]))
-    kw = dict(steps=2, guidance=1.0, eta=1.0)
+    kw = dict(steps=2, guidance=2.0, eta=1.0)
     long = pvdm.sample_long(2, cond, 3, generator=torch.Generator().manual_seed(0), **kw)
     assert long.shape == (2, 3, 3 * 4, 16, 16) and long.abs().max() <= 1
     # the same chain by hand: clip k is sampled given clip k-1's latent

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from methods.base import Conditioning
-from methods.diffusion import cfg_combine
+from methods.diffusion import NO_GUIDANCE, cfg_combine
 from methods.nets.embed import ConditionEmbedder, TextEncoderConfig
 
 
@@ -51,8 +51,11 @@ class CondDenoiser(nn.Module):
         return torch.rand(n, device=device) < p
 
     def guided(self, cond: Conditioning | None, guidance: float):
-        """A `model(x_t, t) -> eps` closure with classifier-free guidance (one doubled batch)."""
-        if guidance == 0 or not self.embedder.enabled:
+        """A `model(x_t, t) -> eps` closure with classifier-free guidance scale s = `guidance` (one doubled batch).
+
+        s = 1 (or an unconditional model) skips the null branch: the conditional prediction alone.
+        """
+        if guidance == NO_GUIDANCE or not self.embedder.enabled:
             return lambda x_t, t: self(x_t, t, cond)
 
         def model(x_t: Tensor, t: Tensor) -> Tensor:
