@@ -42,8 +42,9 @@ COMMON_PROTOCOL = ("split", "real_split", "resolution", "frames", "stride", "n_g
 # recorded used w = s - 1, so their guidance values mean something else. Scores of generated samples only.
 SAMPLING_PROTOCOL = ("guidance_convention",)
 METRIC_PROTOCOL = {
-    "fvd": ("detector", "detector_sha256", "n_real", "covariance", "fvd_protocol", *SAMPLING_PROTOCOL),
-    "rfvd": ("detector", "detector_sha256", "covariance", "n_rec"),
+    "fvd": ("detector", "detector_sha256", "detector_options", "n_real", "covariance", "matrix_sqrt", "fvd_protocol",
+            *SAMPLING_PROTOCOL),
+    "rfvd": ("detector", "detector_sha256", "detector_options", "covariance", "matrix_sqrt", "n_rec"),
     "is": ("is_detector", "is_detector_sha256", "is_protocol", "is_splits", *SAMPLING_PROTOCOL),
     "clipsim": ("clip_detector", "clip_detector_sha256", *SAMPLING_PROTOCOL),
     "cond_acc": ("detector", "detector_sha256", "is_detector", "is_detector_sha256", *SAMPLING_PROTOCOL),

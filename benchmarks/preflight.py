@@ -88,6 +88,11 @@ def validate_config(cfg: DictConfig) -> None:
     unknown = [m for m in e.metrics if m not in METRICS]
     need(not unknown, "eval.metrics", list(e.metrics), f"unknown {unknown}; choose from {list(METRICS)}")
     one_of("eval.covariance", e.covariance, COVARIANCES)
+    from evaluation.frechet import MATRIX_SQRTS
+
+    one_of("eval.matrix_sqrt", e.matrix_sqrt, MATRIX_SQRTS)
+    need(e.detector_options.i3d_bn_eps > 0, "eval.detector_options.i3d_bn_eps", e.detector_options.i3d_bn_eps,
+         "must be > 0 (1e-3: the TF/Sonnet network; 1e-5: every codebase that runs i3d_pretrained_400.pt)")
     for key in ("detector", "is_detector", "clip_detector"):
         one_of(f"eval.{key}", getattr(e, key), tuple(DETECTORS))
     one_of("eval.real_split", e.real_split, ("train", "val", "test"))
@@ -143,10 +148,13 @@ class StagePlan:
     batch_size: int
     params: int
     step_seconds: float | None = None  # forward + backward of one batch in the dry pass
+    data_seconds: float = 0.0  # loading that batch (on the critical path with data.num_workers=0)
 
     @property
     def estimate(self) -> float:
-        return self.steps * self.step_seconds if self.status == "train" and self.step_seconds else 0.0
+        if self.status != "train" or not self.step_seconds:
+            return 0.0
+        return self.steps * (self.step_seconds + self.data_seconds)
 
 
 @dataclasses.dataclass
@@ -166,13 +174,16 @@ class Plan:
         return self.sample_step_seconds * self.sample_model_steps * self.num_videos
 
     def table(self) -> str:
-        lines = [f"{'stage':<22}{'status':<9}{'steps':>8}{'batch':>7}{'params':>10}{'s/step':>9}{'estimate':>11}"]
+        lines = [f"{'stage':<22}{'status':<9}{'steps':>8}{'batch':>7}{'params':>10}{'s/step':>9}{'data s':>8}"
+                 f"{'estimate':>11}"]
         for s in self.stages:
             step = f"{s.step_seconds:.3f}" if s.step_seconds else "-"
+            data = f"{s.data_seconds:.3f}" if s.step_seconds else "-"
             est = _duration(s.estimate) if s.status == "train" else "-"
-            lines.append(f"{s.stage:<22}{s.status:<9}{s.steps:>8}{s.batch_size:>7}{s.params / 1e6:>9.2f}M{step:>9}{est:>11}")
-        lines.append(f"training, estimated: {_duration(self.train_estimate)} (forward + backward of one batch per stage,"
-                     f" x steps; data loading and optimiser not included)")
+            lines.append(f"{s.stage:<22}{s.status:<9}{s.steps:>8}{s.batch_size:>7}{s.params / 1e6:>9.2f}M{step:>9}"
+                         f"{data:>8}{est:>11}")
+        lines.append(f"training, estimated: {_duration(self.train_estimate)} (steps x (forward + backward + loading of "
+                     f"one batch); optimiser and logging not included)")
         lines.append(f"sampling, rough: {_duration(self.sample_estimate)} ({self.num_videos} videos x "
                      f"{self.sample_model_steps} denoiser steps x {self.sample_step_seconds:.3f} s at batch 1)")
         lines.append(f"checks took {self.check_seconds:.1f} s")
@@ -193,7 +204,8 @@ def _one_batch(dm, batch_size: int, seed: int):
 
 
 def _time_loss(method, stage: str, batch, autocast: bool, device) -> float:
-    """Seconds of one forward + backward of `stage`'s loss (twice when cheap: the first call warms up)."""
+    """Seconds of one forward + backward of `stage`'s loss: the best of two calls after a warm-up call (the
+    first call builds the kernels and can take 10x a step); a single call when even that one is slow."""
     trainable = {id(p) for p in method.stage_parameters(stage)}
     for p in method.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -208,8 +220,10 @@ def _time_loss(method, stage: str, batch, autocast: bool, device) -> float:
                                  "method's settings")
             loss.backward()
             best = min(best, time.perf_counter() - t0)
-            if attempt == 0 and best > 2.0:  # slow steps need no warm-up to be measured well enough
-                break
+            if attempt == 0:
+                if best > 30.0:  # paper-scale steps on a CPU: the warm-up share is small, don't pay it thrice
+                    break
+                best = float("inf")  # the warm-up call does not count
     finally:
         for p in method.parameters():
             p.grad = None
@@ -262,7 +276,9 @@ def dry_pass(cfg: DictConfig, method, dm, status: dict[str, str]) -> Plan:
         plan = StagePlan(stage, status[stage], st["max_steps"], st["batch_size"], method.num_parameters(stage))
         if plan.status == "train":
             try:
+                t_data = time.perf_counter()
                 batch = _one_batch(dm, st["batch_size"], cfg.seed).to(device)
+                plan.data_seconds = time.perf_counter() - t_data if cfg.data.num_workers == 0 else 0.0
                 plan.step_seconds = _time_loss(method, stage, batch, autocast, device)
             except Exception as e:
                 raise RuntimeError(f"dry pass: stage {stage!r} fails before training ({type(e).__name__}: {e}); "

@@ -17,6 +17,11 @@ file from the config value, else an environment variable, else the shipped defau
 | c3d_torchscript  | c3d_ucf101.pt (StyleGAN-V / TGAN2)  | probs (101 classes)      |
 | clip             | a transformers CLIP folder          | clip                     |
 | shapes           | shipped shapes_evaluator.pt         | features, probs, clip    |
+| videomae         | a transformers VideoMAE folder      | features (cd-fvd)        |
+
+Detector options (`eval.detector_options`, a detector's `config_options`) are settings that
+change the numbers without changing the file (the native I3D's BatchNorm eps); they are part of
+the loaded-detector cache key and of `Detector.options`, which the results row records.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +39,7 @@ from torch import Tensor, nn
 
 from evaluation.i3d import InceptionI3d, videogpt_preprocess
 from evaluation.shapes_evaluator import SHAPES_EVALUATOR_PATH, load_evaluator
+from evaluation.videomae import load_videomae
 
 CAPABILITIES = ("features", "probs", "clip")
 
@@ -64,6 +71,21 @@ def as_rgb(video: Tensor) -> Tensor:
     return video
 
 
+@contextmanager
+def tf32_off():
+    """TF32 off for CUDA matmuls and cuDNN convolutions, the previous settings restored afterwards.
+
+    StyleGAN-V's calc_metrics sets `torch.backends.cuda.matmul.allow_tf32 = False` and
+    `torch.backends.cudnn.allow_tf32 = False` before extracting features; its TorchScript detectors run under it here.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 _SHA_CACHE: dict[tuple[str, int, float], str] = {}
 
 
@@ -93,11 +115,13 @@ class Detector(nn.Module):
     standard_file: str = ""  # what the user must supply, in words
     provides: tuple[str, ...] = ()
     min_frames: int = 1
+    config_options: dict[str, str] = {}  # eval.detector_options field -> constructor keyword
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
         self.path = str(path)
         self.sha256 = file_sha256(path)
+        self.options: dict = {}  # settings beyond the file that change the numbers (recorded in the row)
 
     @property
     def device(self) -> torch.device:
@@ -125,7 +149,8 @@ class Detector(nn.Module):
 
     def protocol(self) -> dict:
         """What identifies this detector in a results row."""
-        return {"detector": self.name, "detector_sha256": self.sha256}
+        out = {"detector": self.name, "detector_sha256": self.sha256}
+        return {**out, "detector_options": dict(self.options)} if self.options else out
 
 
 class I3DTorchScript(Detector):
@@ -141,19 +166,25 @@ class I3DTorchScript(Detector):
     @torch.no_grad()
     def features(self, video: Tensor) -> Tensor:
         x = self._check(video)
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), tf32_off():
             return self.net(x, rescale=True, resize=True, return_features=True).float()  # (B, 400)
 
 
 class NativeI3D(Detector):
-    """Inception-I3D with the `i3d_pretrained_400.pt` state dict (strict) and VideoGPT preprocessing."""
+    """Inception-I3D with the `i3d_pretrained_400.pt` state dict (strict) and VideoGPT preprocessing.
+
+    bn_eps: BatchNorm eps (`eval.detector_options.i3d_bn_eps`): 1e-3 as the TF original, 1e-5 as the
+    VideoGPT / TATS / DIGAN / PVDM code that produced the published numbers (the `videogpt` preset).
+    """
 
     name, provides, min_frames = "i3d", ("features", "probs"), 9
     standard_file = "i3d_pretrained_400.pt (the VideoGPT / TATS / DIGAN Inception-I3D Kinetics-400 state dict)"
+    config_options = {"i3d_bn_eps": "bn_eps"}
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, bn_eps: float = 1e-3) -> None:
         super().__init__(path)
-        self.net = InceptionI3d(num_classes=400)
+        self.options = {"bn_eps": float(bn_eps)}
+        self.net = InceptionI3d(num_classes=400, bn_eps=float(bn_eps))
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state, strict=True)
         self.net.eval()
@@ -186,7 +217,7 @@ class C3DTorchScript(Detector):
         x = self._check(video)
         if x.shape[2] != 16:
             raise ValueError(f"c3d_torchscript scores clips of exactly 16 frames; got {x.shape[2]}")
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), tf32_off():
             return self.net(x).double()  # (B, 101): already probabilities (StyleGAN-V takes their log)
 
 
@@ -282,12 +313,37 @@ class ShapesDetector(Detector):
         return rearrange(img, "(b t) d -> b t d", b=b), txt
 
 
+class VideoMAEDetector(Detector):
+    """A transformers VideoMAE from a local folder with content-debiased FVD's input and pooling (cd-fvd).
+
+    Frames resized straight to the model's size (bilinear, no crop), [0, 1], not normalised; clips of
+    exactly its num_frames; features fc_norm(mean of the last tokens). See evaluation/videomae.py.
+    """
+
+    name, provides = "videomae", ("features",)
+    standard_file = ("a local transformers VideoMAE folder (cd-fvd: VideoMAE-v2 ViT-g SSv2 "
+                     "vit_g_hybrid_pt_1200e_ssv2_ft.pth converted with `python -m evaluation.videomae`)")
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self.net = load_videomae(path)
+        self.min_frames = self.net.num_frames
+        self.options = {"pooling": self.net.pooling}
+
+    @torch.no_grad()
+    def features(self, video: Tensor) -> Tensor:
+        x = self._check(video)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.net(x).float()  # (B, hidden)
+
+
 DETECTORS: dict[str, type[Detector]] = {
     "i3d_torchscript": I3DTorchScript,
     "i3d": NativeI3D,
     "c3d_torchscript": C3DTorchScript,
     "clip": CLIPDetector,
     "shapes": ShapesDetector,
+    "videomae": VideoMAEDetector,
 }
 DEFAULT_PATHS = {"shapes": SHAPES_EVALUATOR_PATH}  # detectors that ship with the package
 
@@ -315,21 +371,35 @@ def resolve_path(name: str, path: str | Path | None = None) -> Path:
     return chosen
 
 
-_LOADED: dict[tuple[str, str], Detector] = {}
+def detector_kwargs(name: str, options=None) -> dict:
+    """Constructor keywords of detector `name` from `eval.detector_options` (None / missing fields: defaults)."""
+    if options is None or name not in DETECTORS:
+        return {}
+    out = {}
+    for field_name, kwarg in DETECTORS[name].config_options.items():
+        value = options.get(field_name) if isinstance(options, dict) else getattr(options, field_name, None)
+        if value is not None:
+            out[kwarg] = value
+    return out
+
+
+_LOADED: dict[tuple, Detector] = {}
 
 
 def load_detector(name: str, path: str | Path | None = None, device: str | torch.device = "cpu",
-                  cache: bool = True) -> Detector:
+                  cache: bool = True, options=None) -> Detector:
     """Load detector `name` (a key of DETECTORS) from its local file, frozen, on `device`.
 
-    Loaded detectors are kept per (name, file) in this process, so repeated evaluations
-    don't reload a large network.
+    options: `eval.detector_options` (a DetectorOptions, a dict or None); the fields this detector
+    reads (`config_options`) become constructor keywords. Loaded detectors are kept per
+    (name, file, options) in this process, so repeated evaluations don't reload a large network.
     """
     resolved = resolve_path(name, path)
-    key = (name, str(resolved.resolve()))
+    kwargs = detector_kwargs(name, options)
+    key = (name, str(resolved.resolve()), tuple(sorted(kwargs.items())))
     det = _LOADED.get(key) if cache else None
     if det is None or det.sha256 != file_sha256(resolved):
-        det = DETECTORS[name](resolved)
+        det = DETECTORS[name](resolved, **kwargs)
         det.requires_grad_(False).eval()
         if cache:
             _LOADED[key] = det

@@ -3,8 +3,12 @@
 Its state dict has exactly the keys and shapes of the widely used `i3d_pretrained_400.pt`
 (listed in reference/i3d_state_dict_keys.tsv), so that file loads with `strict=True`.
 Inception-v1 inflated to 3D; every conv is a `Unit3D` (Conv3d without bias + BatchNorm3d
-(eps 1e-3, momentum 0.01) + ReLU) with TensorFlow "SAME" padding computed from the input
+(eps `bn_eps`, momentum 0.01) + ReLU) with TensorFlow "SAME" padding computed from the input
 size at run time, as in the TF-Hub original the weights were ported from.
+
+BatchNorm eps: the TF/Sonnet original uses 1e-3 (the default here); every codebase that runs
+`i3d_pretrained_400.pt` for FVD (VideoGPT, TATS, DIGAN, PVDM, cd-fvd) builds BatchNorm3d with
+torch's default 1e-5, which the `videogpt` protocol preset selects (`eval.detector_options.i3d_bn_eps`).
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ class Unit3D(nn.Module):
     """Conv3d (+ BatchNorm3d + ReLU) with TF SAME padding; keys `conv3d.*`, `bn.*`."""
 
     def __init__(self, c_in: int, c_out: int, kernel: Triple = (1, 1, 1), stride: Triple = (1, 1, 1),
-                 bn: bool = True, relu: bool = True, bias: bool = False) -> None:
+                 bn: bool = True, relu: bool = True, bias: bool = False, bn_eps: float = 1e-3) -> None:
         super().__init__()
         self.kernel, self.stride, self.relu = kernel, stride, relu
         self.conv3d = nn.Conv3d(c_in, c_out, kernel, stride, padding=0, bias=bias)
-        self.bn = nn.BatchNorm3d(c_out, eps=1e-3, momentum=0.01) if bn else None
+        self.bn = nn.BatchNorm3d(c_out, eps=bn_eps, momentum=0.01) if bn else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv3d(F.pad(x, _same_pad(x.shape[2:], self.kernel, self.stride)))
@@ -59,12 +63,12 @@ class MaxPool3dSame(nn.Module):
 class InceptionModule(nn.Module):
     """Four branches concatenated: b0 1x1 | b1a 1x1 -> b1b 3x3x3 | b2a 1x1 -> b2b 3x3x3 | pool -> b3b 1x1."""
 
-    def __init__(self, c_in: int, c: tuple[int, int, int, int, int, int]) -> None:
+    def __init__(self, c_in: int, c: tuple[int, int, int, int, int, int], bn_eps: float = 1e-3) -> None:
         super().__init__()
-        self.b0 = Unit3D(c_in, c[0])
-        self.b1a, self.b1b = Unit3D(c_in, c[1]), Unit3D(c[1], c[2], (3, 3, 3))
-        self.b2a, self.b2b = Unit3D(c_in, c[3]), Unit3D(c[3], c[4], (3, 3, 3))
-        self.b3a, self.b3b = MaxPool3dSame((3, 3, 3), (1, 1, 1)), Unit3D(c_in, c[5])
+        self.b0 = Unit3D(c_in, c[0], bn_eps=bn_eps)
+        self.b1a, self.b1b = Unit3D(c_in, c[1], bn_eps=bn_eps), Unit3D(c[1], c[2], (3, 3, 3), bn_eps=bn_eps)
+        self.b2a, self.b2b = Unit3D(c_in, c[3], bn_eps=bn_eps), Unit3D(c[3], c[4], (3, 3, 3), bn_eps=bn_eps)
+        self.b3a, self.b3b = MaxPool3dSame((3, 3, 3), (1, 1, 1)), Unit3D(c_in, c[5], bn_eps=bn_eps)
         self.out_channels = c[0] + c[2] + c[4] + c[5]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -88,19 +92,20 @@ POOL_BEFORE = {  # max-pools (kernel, stride) in front of these blocks
 class InceptionI3d(nn.Module):
     """Inception-I3D: (B, 3, T, 224, 224) in [-1, 1] -> (B, num_classes) logits averaged over time.
 
-    Needs T >= 9 (the final [2, 7, 7] average pool sees T/8 frames).
+    Needs T >= 9 (the final [2, 7, 7] average pool sees T/8 frames). `bn_eps`: every BatchNorm's eps.
     """
 
-    def __init__(self, num_classes: int = 400, dropout: float = 0.5) -> None:
+    def __init__(self, num_classes: int = 400, dropout: float = 0.5, bn_eps: float = 1e-3) -> None:
         super().__init__()
+        self.bn_eps = bn_eps
         # `logits` first, so state_dict() lists keys in the reference file's order
         self.logits = Unit3D(1024, num_classes, bn=False, relu=False, bias=True)
-        self.Conv3d_1a_7x7 = Unit3D(3, 64, (7, 7, 7), (2, 2, 2))
-        self.Conv3d_2b_1x1 = Unit3D(64, 64)
-        self.Conv3d_2c_3x3 = Unit3D(64, 192, (3, 3, 3))
+        self.Conv3d_1a_7x7 = Unit3D(3, 64, (7, 7, 7), (2, 2, 2), bn_eps=bn_eps)
+        self.Conv3d_2b_1x1 = Unit3D(64, 64, bn_eps=bn_eps)
+        self.Conv3d_2c_3x3 = Unit3D(64, 192, (3, 3, 3), bn_eps=bn_eps)
         c = 192
         for name, channels in MIXED.items():
-            block = InceptionModule(c, channels)
+            block = InceptionModule(c, channels, bn_eps)
             self.add_module(name, block)
             c = block.out_channels
         self.pools = nn.ModuleDict({k: MaxPool3dSame(*v) for k, v in POOL_BEFORE.items()})  # no parameters

@@ -10,8 +10,9 @@ video i is conditioned like real clip i (its label and caption), so the generate
 the real set's class / caption distribution. Under DDP, rank r generates the contiguous block
 `shard(n, r, world)` of indices with a generator seeded `seed + r`: no sample twice, none
 padded; the metrics gather across ranks. Every number comes back with the fields that
-define it (detector and sha256, counts, frames, resolution, covariance, sampler, steps,
-guidance, seed) in one flat dict, ready for the results row.
+define it (detector and sha256, counts, frames, stride, resolution, covariance, sampler,
+steps, guidance and its convention, seed) in one flat dict, ready for the results row, with
+how the FVD's matrix square root was taken (`fvd_sqrt_method`, `fvd_fallback_eps`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evaluation.config import METRICS
+from evaluation.config import METRICS, protocol_label
 from evaluation.detectors import Detector, load_detector
 from evaluation.distributed import dist_info, shard
 from evaluation.metrics import CLIPSIM, FVD, ConditionalAccuracy, VideoInceptionScore
 from evaluation.real_stats import RealSet, eval_clip_loader, load_or_compute_real_set
+from evaluation.stylegan_v import RealClips
 from methods.base import Conditioning
+from methods.diffusion import GUIDANCE_CONVENTION
 
 
 def _get(node, key: str, default=None):
@@ -57,7 +60,7 @@ class Scorer:
         self.metrics, self.real, self.det = list(metrics), real, detectors
         self.num_classes = num_classes
         device = next(iter(detectors.values())).device if detectors else torch.device("cpu")
-        self.fvd = FVD(covariance=ecfg.covariance).to(device)
+        self.fvd = FVD(covariance=ecfg.covariance, sqrt=_get(ecfg, "matrix_sqrt", "scipy")).to(device)
         if real is not None:
             self.fvd.set_reference(real.stats)
         self.isv = VideoInceptionScore(splits=ecfg.is_splits).to(device)
@@ -83,6 +86,7 @@ class Scorer:
         out: dict = {}
         if "fvd" in self.metrics:
             out["fvd"] = float(self.fvd.compute())
+            out["fvd_sqrt_method"], out["fvd_fallback_eps"] = self.fvd.sqrt_method, self.fvd.fallback_eps
         if "is" in self.metrics:
             mean, std = self.isv.compute()
             out["is"], out["is_std"] = float(mean), float(std)
@@ -115,15 +119,19 @@ def load_detectors(ecfg, metrics: list[str], device) -> dict[str, Detector]:
     out = {}
     for role, name in roles.items():
         if needs[role] & set(metrics):
-            out[role] = load_detector(name, _get(ecfg.paths, name), device)
+            out[role] = load_detector(name, _get(ecfg.paths, name), device, options=_get(ecfg, "detector_options"))
     return out
 
 
 def real_set(ecfg, datamodule, detector: Detector, cache_dir: str | Path | None, num_workers: int = 0) -> RealSet:
-    """The real statistics (and conditioning) for this protocol, from the cache when present."""
+    """The real statistics (and conditioning) for this protocol, from the cache when present.
+
+    eval.real_selection / real_resize / real_jpeg_quality pick and prepare the clips (evaluation.stylegan_v).
+    """
     return load_or_compute_real_set(
         datamodule.dataset(ecfg.real_split), datamodule.dataset_cfg, ecfg.real_split, detector, ecfg.num_real,
-        ecfg.clip_seed, cache_dir if ecfg.cache_real_stats else None, ecfg.batch_size, num_workers)
+        ecfg.clip_seed, cache_dir if ecfg.cache_real_stats else None, ecfg.batch_size, num_workers,
+        real_clips=RealClips.of(ecfg))
 
 
 def _conditioning(real: RealSet | None, indices: list[int]) -> tuple[Tensor | None, list[str] | None]:
@@ -136,24 +144,76 @@ def _conditioning(real: RealSet | None, indices: list[int]) -> tuple[Tensor | No
     return labels, texts
 
 
+def dataset_labels(ds) -> list[int] | None:
+    """The class label of every video of a split, without decoding (None when the dataset cannot say)."""
+    if hasattr(ds, "samples"):
+        labels = [int(getattr(s, "label", -1)) for s in ds.samples]
+    elif hasattr(ds, "attributes"):
+        labels = [int(ds.attributes(i)["label"]) for i in range(len(ds))]
+    else:
+        return None
+    return labels if labels and all(lbl >= 0 for lbl in labels) else None
+
+
+def drawn_labels(real: RealSet | None, real_ds, ecfg, n: int) -> list[int] | None:
+    """StyleGAN-V's conditioning of the generated set: n labels drawn uniformly from the whole split.
+
+    With `eval.real_selection=stylegan-v` the real clips are the first videos by name (on UCF-101 only the
+    alphabetically first classes), so conditioning generated video i like real clip i would skew the
+    generated classes the same way; StyleGAN-V instead draws each label from a random video of the
+    dataset (seeded here by eval.clip_seed). None: condition like the real clips (`_conditioning`).
+    """
+    if _get(ecfg, "real_selection", "seeded") != "stylegan-v" or real is None or real.labels is None:
+        return None
+    pool = dataset_labels(real_ds)
+    if pool is None:
+        return None
+    g = torch.Generator().manual_seed(int(_get(ecfg, "clip_seed", 0)))
+    return [pool[int(i)] for i in torch.randint(len(pool), (n,), generator=g)]
+
+
+def real_stride(cfg, real: RealSet | None) -> int | None:
+    """The frame stride of the REAL clips: the real set's own protocol, else cfg.dataset.stride.
+
+    Generated videos may be scored at another stride (benchmarks.evaluate reads them at 1); the
+    real side is what fixes the protocol's temporal sampling, so that is what is recorded.
+    """
+    if real is not None and real.protocol.get("stride") is not None:
+        return real.protocol["stride"]
+    return _get(_get(cfg, "dataset"), "stride")
+
+
 def protocol_fields(cfg, ecfg, dets: dict[str, Detector], real: RealSet | None, n_gen: int, video_shape,
                     seed: int | None, world: int) -> dict:
-    """The fields that define the numbers (recorded beside them in the results row)."""
+    """The fields that define the numbers (recorded beside them in the results row).
+
+    fvd_protocol: fvd{n_gen}_{frames}f_s{stride} (StyleGAN-V's fvd2048_16f with the real clips'
+    frame stride made explicit). is_protocol names the split convention and the detector that
+    produced the probabilities (StyleGAN-V's isv2048_ucf is this convention on c3d_torchscript).
+    guidance_convention: how `guidance` is to be read (methods.diffusion.GUIDANCE_CONVENTION).
+    """
     sample = _get(cfg, "sample")
     frames, resolution = None, None
     if video_shape is not None:  # (C, T, H, W)
         h, w = video_shape[2], video_shape[3]
         frames, resolution = video_shape[1], h if h == w else f"{h}x{w}"
-    out = {"n_gen": n_gen, "n_real": real.stats.n if real is not None else None, "frames": frames,
-           "resolution": resolution, "covariance": ecfg.covariance, "real_split": ecfg.real_split,
+    stride = real_stride(cfg, real)
+    is_detector = dets["is"].name if "is" in dets else ecfg.is_detector
+    out = {"eval_protocol": protocol_label(ecfg) if _get(ecfg, "protocol") else None,
+           "n_gen": n_gen, "n_real": real.stats.n if real is not None else None, "frames": frames,
+           "resolution": resolution, "covariance": ecfg.covariance,
+           "matrix_sqrt": _get(ecfg, "matrix_sqrt", "scipy"), "real_split": ecfg.real_split,
            "clip_seed": ecfg.clip_seed, "real_stats_cached": real.from_cache if real is not None else None,
            "sampler": sampler_name(cfg), "steps": _get(sample, "steps"), "guidance": _get(sample, "guidance"),
+           "guidance_convention": GUIDANCE_CONVENTION,
            "eta": _get(sample, "eta"), "eval_seed": seed, "eval_world_size": world,
-           "fvd_protocol": f"fvd{n_gen}_{frames}f" if frames is not None else None,
-           "is_protocol": f"stylegan-v isv{n_gen} ({ecfg.is_splits} splits, seed-42 shuffle)"}
+           "fvd_protocol": f"fvd{n_gen}_{frames}f_s{stride}" if frames is not None else None,
+           "is_protocol": f"stylegan-v isv{n_gen} ({ecfg.is_splits} splits, seed-42 shuffle) on {is_detector}"}
     for role, prefix in (("fvd", "detector"), ("is", "is_detector"), ("clip", "clip_detector")):
         if role in dets:
             out[prefix], out[f"{prefix}_sha256"] = dets[role].name, dets[role].sha256
+            if dets[role].options:  # settings beyond the file that change the numbers (e.g. the I3D's BatchNorm eps)
+                out[f"{prefix}_options"] = dict(dets[role].options)
     return out
 
 
@@ -187,9 +247,12 @@ def evaluate_method(method, datamodule, cfg, *, num_samples: int | None = None, 
     method.eval()
     mine, shape, t_sample = list(shard(n, rank, world)), None, 0.0
     real_ds = datamodule.dataset(ecfg.real_split)
+    drawn = drawn_labels(real, real_ds, ecfg, n)
     for start in range(0, len(mine), bs):
         idx = mine[start:start + bs]
         labels, texts = _conditioning(real, idx)
+        if drawn is not None:
+            labels = torch.tensor([drawn[i] for i in idx])
         first = None
         if getattr(method, "image_to_video", False):  # condition on the first frames of the same real clips
             first = torch.stack([real_ds.eval_clip(i, ecfg.clip_seed)["video"][:, 0] for i in idx])
@@ -203,7 +266,8 @@ def evaluate_method(method, datamodule, cfg, *, num_samples: int | None = None, 
         scorer.update(videos, torch.tensor(idx), labels, texts)
     out = scorer.compute()
     if "rfvd" in metrics:
-        out["rfvd"], out["n_rec"] = reconstruction_fvd(method, real_ds, dets["fvd"], ecfg, min(n, real.stats.n))
+        out["rfvd"], out["n_rec"], out["rfvd_fallback_eps"] = reconstruction_fvd(
+            method, real_ds, dets["fvd"], ecfg, min(n, real.stats.n))
     method.train(was_training)
     out.update(protocol_fields(cfg, ecfg, dets, real, n, shape, seed, world))
     out["skipped_metrics"] = skipped
@@ -213,15 +277,19 @@ def evaluate_method(method, datamodule, cfg, *, num_samples: int | None = None, 
 
 
 @torch.no_grad()
-def reconstruction_fvd(method, real_ds, detector: Detector, ecfg, n: int) -> tuple[float, int]:
-    """R-FVD: FVD between the first n real clips and their `method.reconstruct`ions (the same clips, paired)."""
+def reconstruction_fvd(method, real_ds, detector: Detector, ecfg, n: int) -> tuple[float, int, float | None]:
+    """R-FVD between the first n real clips and their `method.reconstruct`ions (the same clips, paired).
+
+    Returns (R-FVD, n, the eps its Fréchet fallback added: None on the plain sqrtm path).
+    """
     rank, world = dist_info()
-    fvd = FVD(covariance=ecfg.covariance).to(detector.device)
+    fvd = FVD(covariance=ecfg.covariance, sqrt=_get(ecfg, "matrix_sqrt", "scipy")).to(detector.device)
     for batch in eval_clip_loader(real_ds, shard(n, rank, world), ecfg.clip_seed, ecfg.batch_size):
         video = batch["video"].to(method.device)
         fvd.update(detector.features(video), real=True)
         fvd.update(detector.features(method.reconstruct(video).float().clamp(-1, 1)))
-    return float(fvd.compute()), n
+    value = float(fvd.compute())
+    return value, n, fvd.fallback_eps
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ def _video(b: int = 2, t: int = 16, r: int = 32, seed: int = 0) -> Tensor:
 
 
 def test_registry_names():
-    assert set(DETECTORS) == {"i3d_torchscript", "i3d", "c3d_torchscript", "clip", "shapes"}
+    assert set(DETECTORS) == {"i3d_torchscript", "i3d", "c3d_torchscript", "clip", "shapes", "videomae"}
 
 
 def test_i3d_torchscript_loads_and_is_called_with_stylegan_v_signature(tmp_path):
@@ -85,7 +85,8 @@ def test_c3d_torchscript_gives_probabilities(tmp_path):
 
 
 @pytest.mark.parametrize("name,standard", [("i3d_torchscript", "i3d_torchscript.pt"), ("i3d", "i3d_pretrained_400.pt"),
-                                           ("c3d_torchscript", "c3d_ucf101.pt"), ("clip", "transformers CLIP")])
+                                           ("c3d_torchscript", "c3d_ucf101.pt"), ("clip", "transformers CLIP"),
+                                           ("videomae", "vit_g_hybrid_pt_1200e_ssv2_ft.pth")])
 def test_missing_file_error_names_file_config_key_and_standard(tmp_path, monkeypatch, name, standard):
     monkeypatch.delenv(env_var(name), raising=False)
     missing = tmp_path / "nope.pt"
