@@ -149,12 +149,15 @@ class StagePlan:
     params: int
     step_seconds: float | None = None  # forward + backward of one batch in the dry pass
     data_seconds: float = 0.0  # loading that batch (on the critical path with data.num_workers=0)
+    measured_batch: int | None = None  # the dry pass's batch (check_batch may cap it)
 
     @property
     def estimate(self) -> float:
+        """steps x seconds per step, extrapolated linearly in the batch when the dry pass used a smaller one."""
         if self.status != "train" or not self.step_seconds:
             return 0.0
-        return self.steps * (self.step_seconds + self.data_seconds)
+        scale = self.batch_size / (self.measured_batch or self.batch_size)
+        return self.steps * (self.step_seconds + self.data_seconds) * scale
 
 
 @dataclasses.dataclass
@@ -174,13 +177,15 @@ class Plan:
         return self.sample_step_seconds * self.sample_model_steps * self.num_videos
 
     def table(self) -> str:
-        lines = [f"{'stage':<22}{'status':<9}{'steps':>8}{'batch':>7}{'params':>10}{'s/step':>9}{'data s':>8}"
+        lines = [f"{'stage':<22}{'status':<9}{'steps':>8}{'batch':>7}{'params':>10}{'s/step':>11}{'data s':>8}"
                  f"{'estimate':>11}"]
         for s in self.stages:
             step = f"{s.step_seconds:.3f}" if s.step_seconds else "-"
+            if s.step_seconds and s.measured_batch != s.batch_size:
+                step += f"@{s.measured_batch}"
             data = f"{s.data_seconds:.3f}" if s.step_seconds else "-"
             est = _duration(s.estimate) if s.status == "train" else "-"
-            lines.append(f"{s.stage:<22}{s.status:<9}{s.steps:>8}{s.batch_size:>7}{s.params / 1e6:>9.2f}M{step:>9}"
+            lines.append(f"{s.stage:<22}{s.status:<9}{s.steps:>8}{s.batch_size:>7}{s.params / 1e6:>9.2f}M{step:>11}"
                          f"{data:>8}{est:>11}")
         lines.append(f"training, estimated: {_duration(self.train_estimate)} (steps x (forward + backward + loading of "
                      f"one batch); optimiser and logging not included)")
@@ -259,10 +264,11 @@ def _time_sampling(cfg: DictConfig, method, dm, autocast: bool, device) -> tuple
     return seconds / max(1, len(step_fields)), model_steps
 
 
-def dry_pass(cfg: DictConfig, method, dm, status: dict[str, str]) -> Plan:
+def dry_pass(cfg: DictConfig, method, dm, status: dict[str, str], max_batch: int | None = None) -> Plan:
     """One loss step per stage still to train and one sampling step at batch 1, timed; nothing is stored.
 
     status: {stage: "train" | "done" | "cached"} (what `benchmarks.run` will do with each stage).
+    max_batch: cap the dry pass's batch (the estimate is then extrapolated linearly to the configured batch).
     Errors name the stage; the method's weights are left as they were (no optimiser step).
     """
     t0 = time.perf_counter()
@@ -276,8 +282,9 @@ def dry_pass(cfg: DictConfig, method, dm, status: dict[str, str]) -> Plan:
         plan = StagePlan(stage, status[stage], st["max_steps"], st["batch_size"], method.num_parameters(stage))
         if plan.status == "train":
             try:
+                plan.measured_batch = min(st["batch_size"], max_batch or st["batch_size"])
                 t_data = time.perf_counter()
-                batch = _one_batch(dm, st["batch_size"], cfg.seed).to(device)
+                batch = _one_batch(dm, plan.measured_batch, cfg.seed).to(device)
                 plan.data_seconds = time.perf_counter() - t_data if cfg.data.num_workers == 0 else 0.0
                 plan.step_seconds = _time_loss(method, stage, batch, autocast, device)
             except Exception as e:

@@ -5,6 +5,7 @@
     python -m benchmarks.run method=cmd dataset=ucf101 dataset.root=/data/UCF-101 scale=paper
 
     python -m benchmarks.run method=cmd --check               # validate, dry pass, print the plan; train nothing
+    python -m benchmarks.run method=cmd scale=paper --check check_batch=2   # the dry pass at batch 2 (memory)
 
 `run_dir=<folder>` alone resumes that run with its saved config: finished stages are loaded,
 an interrupted stage continues from its `last.ckpt`. An override that would change the result
@@ -336,13 +337,17 @@ def _finished(folder: RunFolder, cfg: DictConfig) -> dict | None:
     return None
 
 
-def preflight(cfg: DictConfig, method, dm, folder: RunFolder):
-    """Every check that can run before training (see benchmarks.preflight); returns the plan."""
+def preflight(cfg: DictConfig, method, dm, folder: RunFolder, check_batch: int | None = None):
+    """Every check that can run before training (see benchmarks.preflight); returns the plan.
+
+    check_batch: run the dry pass at this batch size at most (a paper preset's batch may not fit a CPU's
+    memory); the time estimate is then extrapolated linearly to the configured batch.
+    """
     from benchmarks.preflight import check_writable, dry_pass, open_detectors
 
     check_writable(cfg.results, "results")
     open_detectors(cfg, dm, method)
-    return dry_pass(cfg, method, dm, stage_status(cfg, method, folder))
+    return dry_pass(cfg, method, dm, stage_status(cfg, method, folder), max_batch=check_batch)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -352,6 +357,10 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     check_only = "--check" in argv or "dry_run=true" in argv
     argv = [a for a in argv if a not in ("--check", "dry_run=true", "dry_run=false")]
+    check_batch = [a.split("=", 1)[1] for a in argv if a.startswith("check_batch=")]
+    argv = [a for a in argv if not a.startswith("check_batch=")]
+    if check_batch and not (check_batch[-1].isdigit() and int(check_batch[-1]) > 0):
+        raise SystemExit(f"error: check_batch={check_batch[-1]}: give a positive batch size for the dry pass")
     from benchmarks.preflight import validate_config
 
     try:
@@ -381,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"run folder: {folder.path}\nmethod {cfg.method.name} ({method.num_parameters() / 1e6:.2f}M parameters), "
           f"dataset {cfg.dataset.name} ({len(dm.dataset('train'))} train clips), scale {cfg.scale}")
     try:
-        plan = preflight(cfg, method, dm, folder)
+        plan = preflight(cfg, method, dm, folder, int(check_batch[-1]) if check_batch else None)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     except (FileNotFoundError, RuntimeError, ValueError) as e:
