@@ -406,18 +406,19 @@ def plot(entries: list[Entry], metric: str | None = None, cost: str = "seconds")
 # --- command line -----------------------------------------------------------------------------------
 
 
-def _parse(argv: list[str]) -> dict:
-    opts = {"format": "markdown", "results": "results/results.jsonl", "out": None, "metric": None,
-            "cost": "seconds", "strict": False, "include_degenerate": False}
+def parse_options(argv: list[str], opts: dict, flags: tuple[str, ...], usage: str) -> dict[str, set[str] | None]:
+    """Fill `opts` from `--name value` / `--name=value` arguments (`flags` take no value; dashes in names
+    read as underscores) and return the run filters (--dataset/--method/--tag/--sweep/--scale, comma lists)."""
     filters: dict[str, set[str] | None] = {"dataset": None, "method": None, "tag": None, "scale": None}
     it = iter(argv)
     for a in it:
-        if a in ("--strict", "--include-degenerate"):
+        if a in flags:
             opts[a[2:].replace("-", "_")] = True
             continue
         if not a.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {a!r}\n{USAGE}")
+            raise SystemExit(f"error: unexpected argument {a!r}\n{usage}")
         name, _, value = a[2:].partition("=")
+        name = name.replace("-", "_")
         if not value:
             value = next(it, "")
         if not value:
@@ -429,7 +430,14 @@ def _parse(argv: list[str]) -> dict:
         elif name in opts:
             opts[name] = value
         else:
-            raise SystemExit(f"error: unknown option --{name}\n{USAGE}")
+            raise SystemExit(f"error: unknown option --{name}\n{usage}")
+    return filters
+
+
+def _parse(argv: list[str]) -> dict:
+    opts = {"format": "markdown", "results": "results/results.jsonl", "out": None, "metric": None,
+            "cost": "seconds", "strict": False, "include_degenerate": False}
+    filters = parse_options(argv, opts, ("--strict", "--include-degenerate"), USAGE)
     if opts["format"] not in ("csv", "markdown", "png"):
         raise SystemExit(f"error: --format must be csv, markdown or png, got {opts['format']!r}")
     if opts["cost"] not in COST_FIELDS:

@@ -39,7 +39,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.leaderboard import LOWER_IS_BETTER, METRICS, Entry, aggregate, select, to_markdown
+from benchmarks.leaderboard import LOWER_IS_BETTER, METRICS, Entry, aggregate, parse_options, select, to_markdown
 from benchmarks.results import read_rows
 from evaluation.grid import conditioning_kinds
 
@@ -527,28 +527,7 @@ def _replace(new: Path, out: Path) -> None:
 def _parse(argv: list[str]) -> dict:
     opts = {"results": "results/results.jsonl", "out": "report", "figures": None, "max_videos": "8",
             "include_degenerate": False}
-    filters: dict[str, set[str] | None] = {"dataset": None, "method": None, "tag": None, "scale": None}
-    it = iter(argv)
-    for a in it:
-        if a == "--include-degenerate":
-            opts["include_degenerate"] = True
-            continue
-        if not a.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {a!r}\n{USAGE}")
-        name, _, value = a[2:].partition("=")
-        name = name.replace("-", "_")
-        if not value:
-            value = next(it, "")
-        if not value:
-            raise SystemExit(f"error: --{name} needs a value")
-        if name == "sweep":
-            name = "tag"  # a sweep tags its runs with its name
-        if name in filters:
-            filters[name] = set(value.split(","))
-        elif name in opts:
-            opts[name] = value
-        else:
-            raise SystemExit(f"error: unknown option --{name}\n{USAGE}")
+    filters = parse_options(argv, opts, ("--include-degenerate",), USAGE)
     try:
         opts["max_videos"] = int(opts["max_videos"])
         if opts["max_videos"] < 0:

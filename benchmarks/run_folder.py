@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.config import HOW_KEYS
+from benchmarks.leaderboard import flatten
 from benchmarks.results import atomic_torch_save, atomic_write_text
 
 # Files a folder may hold before its run starts (a sweep creates the folder and its log first).
@@ -131,20 +132,9 @@ class RunFolder:
         atomic_write_text(self.metrics_path, json.dumps(row, indent=2, default=str))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def config_difference(saved: dict, wanted: dict, ignore: tuple[str, ...] = HOW_KEYS) -> list[tuple[str, object, object]]:
     """[(dotted key, saved value, wanted value)] for every result-defining key that differs."""
-    a, b = _flat(saved), _flat(wanted)
+    a, b = flatten(saved), flatten(wanted)
 
     def ignored(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in ignore)
