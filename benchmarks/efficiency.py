@@ -31,10 +31,41 @@ the `flops_method` column says so.
 Outputs in out/: efficiency.csv (one row per method, ratios vs VDM in their own columns),
 efficiency_parts.csv (per network and per stage), efficiency_reported.csv (the papers' numbers
 beside ours), efficiency.png (bar charts); the main table is printed as Markdown.
+efficiency_reported.csv sets the papers' figures beside our runs at *our* resolution; the papers
+measured at their own settings, which the next mode reproduces.
+
+The papers' efficiency claims at the papers' settings (FLOPs only, on the meta device: no weights,
+no GPU; about two minutes on two CPU cores):
+
+    python -m benchmarks.efficiency preset=paper-settings                  # table + resolution sweep
+    python -m benchmarks.efficiency preset=paper-settings sweep=false      # the table alone
+    python -m benchmarks.efficiency preset=paper-settings resolutions=64,256 exact=true out=DIR
+The settings are in configs/efficiency/paper-settings.yaml (`preset=` also takes a YAML path): CMD at
+512x1024x16 in Stable Diffusion's latent space (SD-2.1's UNet for content frames, built from its config
+dict, a DiT-L/2 motion model, 50 content and 2 x 50 motion DDIM steps, CFG s = 4 on the content model
+only, as the official code), a ModelScope-sized latent 3D UNet at the same shape (50 steps with CFG, plus
+the SD VAE decode of the 16 frames), PVDM-L at 256x256x16 (400 steps, unconditional) and the pixel VDM
+at the same setting. Each is one of the framework's methods, composed like a run (`scale=paper` and the
+setting's overrides) and traced through its own `sample(1, ...)`: at 1 step and at 2 steps of each step
+count, extrapolated linearly (every step costs the same: exact; `exact=true` traces every step). Two
+counts per setting, both in efficiency_paper_settings.csv (columns method, setting, sampling, counted,
+ours_tflops, paper_tflops, ratio, ours_vs_baseline, paper_vs_baseline, params_m, parts_tflops, source):
+- ours: FLOPs (2 per multiply-add) of every matmul, conv and attention product, CFG's doubled batch
+  where the sampler guides, decoders (the method's autoencoder, the SD VAE) included;
+- as the paper counts: multiply-adds of conv and linear layers only (attention's QK^T and AV products
+  are what per-module counters such as thop, or fvcore with fused attention, do not see), one network
+  call per step (traced again with every guidance scale at 1), decoders excluded. This reproduces the
+  CMD paper's ModelScope figure (939 TFLOPs) and its per-step training figures (SD UNet 0.34, ModelScope
+  9.41 TFLOPs at 512^2x16), so its "TFLOPs" are these multiply-adds.
+The resolution sweep (preset key `resolution_sweep`) traces the same models at square resolutions, every
+one at 50 steps, into efficiency_vs_resolution.csv and efficiency_vs_resolution.png: TFLOPs per video
+(with and without decoders) and each decomposition's cost relative to its baseline (CMD against the
+ModelScope-sized UNet, PVDM against the pixel VDM).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -51,7 +82,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 USAGE = __doc__
-OWN_KEYS = ("methods", "out", "repeats", "timing", "train")
+OWN_KEYS = ("methods", "out", "repeats", "timing", "train", "preset", "exact", "sweep", "resolutions")
 BASELINE = "vdm"  # ratios are against this method
 RATIOS = {"params": "params_vs_vdm", "sample_gflops": "gflops_vs_vdm", "sample_seconds": "seconds_vs_vdm",
           "sample_peak_mb": "mem_vs_vdm", "train_gflops_per_video": "train_gflops_vs_vdm"}
@@ -95,6 +126,10 @@ REPORTED = (
 )
 
 
+REPORTED_NOTE = ("the paper's values are at paper_setting, ours at ours_setting: compare the ratios, not the values; "
+                 "at the papers' own settings: python -m benchmarks.efficiency preset=paper-settings")
+
+
 # --- measuring one method ----------------------------------------------------------------------------
 
 
@@ -104,11 +139,12 @@ def _owners(method) -> dict[int, str]:
 
 
 @contextmanager
-def count_flops(owners: dict[int, str] | None = None):
+def count_flops(owners: dict[int, str] | None = None, by_op: dict | None = None):
     """Count FLOPs inside the block; yields (counter, per-network dict filled as modules run).
 
     Ops run while a module of network `n` is executing are credited to `n` (innermost wins);
-    ops outside any network go to "(outside networks)".
+    ops outside any network go to "(outside networks)". With `by_op` (a dict), it is also filled
+    with {(network, op name such as "aten.mm"): FLOPs}.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode, flop_registry
@@ -128,7 +164,10 @@ def count_flops(owners: dict[int, str] | None = None):
             before = self.flop_counts["Global"].get(func_packet, 0)
             result = super()._count_flops(func_packet, out, args, kwargs)
             after = self.flop_counts["Global"].get(func_packet, 0)
-            per_net[stack[-1] if stack else "(outside networks)"] += after - before
+            net = stack[-1] if stack else "(outside networks)"
+            per_net[net] += after - before
+            if by_op is not None:
+                by_op[(net, str(func_packet))] = by_op.get((net, str(func_packet)), 0) + after - before
             return result
 
     def pre(module, args):
@@ -544,11 +583,14 @@ def reported_rows(results: list[dict]) -> list[dict]:
         paper_ratio = rep.value / rep.baseline_value if rep.baseline_value else None
         if rep.quantity == "speedup":
             paper_ratio = rep.value
+        res = mine.get("resolution")
         rows.append({"method": rep.method, "quantity": rep.quantity, "paper_value": rep.value,
                      "paper_baseline": rep.baseline, "paper_baseline_value": rep.baseline_value,
                      "paper_ratio": paper_ratio, "paper_setting": rep.setting, "source": rep.source,
                      "ours_value": value, "ours_vdm_value": ref_value,
-                     "ours_ratio_vs_vdm": value / ref_value if value is not None and ref_value else None})
+                     "ours_ratio_vs_vdm": value / ref_value if value is not None and ref_value else None,
+                     "ours_setting": f"{res}x{res}x{mine.get('frames')}, scale={mine.get('scale')}" if res else None,
+                     "note": REPORTED_NOTE})
     return rows
 
 
@@ -617,11 +659,394 @@ def bar_chart(results: list[dict], path: Path) -> Path:
     return path
 
 
+# --- the papers' efficiency settings (preset=paper-settings) ------------------------------------------
+
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "efficiency"
+# The ops of conv and linear layers: what per-module counters (thop; fvcore, which skips fused attention)
+# see. The other ops counted here (bmm, baddbmm, scaled-dot-product attention) are attention's QK^T and AV.
+LAYER_OPS = frozenset({"aten.mm", "aten.addmm", "aten.convolution", "aten._convolution"})
+COUNTED = {
+    "ours": "FLOPs (2 per multiply-add) of every matmul, conv and attention product of one sample(1, ...) as "
+            "configured: every step, CFG's doubled batch where guided, decoders included",
+    "paper": "as the paper counts: multiply-adds of conv and linear layers (attention's QK^T and AV not "
+             "counted), one network call per step (no CFG doubling), decoders excluded",
+}
+COUNTED_SHORT = {"ours": "FLOPs; all ops, CFG, decoders", "paper": "MACs; layers, no CFG, no decoders"}
+
+
+def load_preset(name: str) -> dict:
+    """configs/efficiency/<name>.yaml (or a YAML file's path) as plain dicts; a setting with `like: other`
+    extends `other` (its keys win, its `overrides` are appended)."""
+    from omegaconf import OmegaConf
+
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        choices = ", ".join(sorted(q.stem for q in PRESET_DIR.glob("*.yaml")))
+        raise SystemExit(f"error: no efficiency preset {name!r} in {PRESET_DIR}; choose one of: {choices}")
+    preset = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    settings = preset["settings"]
+    for key, entry in list(settings.items()):
+        if "like" in entry:
+            base = settings[entry["like"]]
+            settings[key] = {**base, **entry, "overrides": [*base.get("overrides", []), *entry.get("overrides", [])]}
+    return preset
+
+
+@contextmanager
+def diffusers_from_configs(models: dict):
+    """While open, `methods.image_prior.load_diffusers(path)` builds `models[path]` ({"unet": config dict,
+    "vae": config dict}) with diffusers' `from_config` instead of reading a folder; other paths load as before."""
+    import methods.image_prior as image_prior
+
+    original = image_prior.load_diffusers
+
+    def load(path):
+        if str(path) not in models:
+            return original(path)
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        spec = models[str(path)]
+        vae = AutoencoderKL.from_config(spec["vae"]) if spec.get("vae") else None
+        return UNet2DConditionModel.from_config(spec["unet"]), vae
+
+    image_prior.load_diffusers = load
+    try:
+        yield
+    finally:
+        image_prior.load_diffusers = original
+
+
+def setting_spec(entry: dict, height: int | None = None, width: int | None = None, frames: int | None = None,
+                 steps: int | None = None):
+    """(DataSpec the method is built for, run-config overrides, a description) of a preset setting, at its
+    own video size or at (frames, height, width) and `steps` when given."""
+    from methods.base import DataSpec
+
+    f0, h0, w0 = entry["video"]
+    frames, height, width = frames or f0, height or h0, width or w0
+    overrides = [f"method={entry['method']}", "scale=paper", f"sample.steps={steps or entry['steps']}",
+                 *entry.get("overrides", [])]
+    if entry.get("plane_size"):
+        overrides.append(f"method.autoencoder.patch={height // entry['plane_size']}")
+    where = f"{height}x{width}x{frames}"
+    latent = entry.get("latent")
+    if latent:
+        k = latent["factor"]
+        spec = DataSpec(channels=latent["channels"], frames=frames, height=height // k, width=width // k,
+                        num_classes=entry.get("num_classes", 0))
+        where += f", latent {latent['channels']}x{height // k}x{width // k}"
+    else:
+        spec = DataSpec(channels=3, frames=frames, height=height, width=width, num_classes=entry.get("num_classes", 0))
+        where += f", latent 4x{height // 8}x{width // 8}" if "method.space=latent" in overrides else ", pixels"
+    return spec, overrides, where
+
+
+def _parts(method) -> dict[str, object]:
+    """The networks of a method by name; a child holding a VAE (an image prior) is split into its own children
+    (e.g. CMD's content.denoiser and content.vae)."""
+    parts = {}
+    for name, child in method.named_children():
+        if getattr(child, "vae", None) is not None:
+            parts.update({f"{name}.{sub}": m for sub, m in child.named_children()})
+        else:
+            parts[name] = child
+    return parts
+
+
+def is_decoder(part: str) -> bool:
+    """Decoders (a method's autoencoder, only decoding while sampling, and any VAE): the papers leave them out."""
+    return part == "autoencoder" or part.split(".")[-1] == "vae"
+
+
+def _unguided(cfg):
+    """A copy of `cfg` with every classifier-free guidance scale at 1 (none): one network call per step."""
+    from omegaconf import OmegaConf
+
+    cfg = copy.deepcopy(cfg)
+    cfg.sample.guidance = 1.0
+
+    def walk(node):
+        for key in list(node.keys()):
+            value = node[key]
+            if OmegaConf.is_dict(value):
+                walk(value)
+            elif str(key).endswith("guidance") and isinstance(value, int | float):
+                node[key] = 1.0
+
+    walk(cfg.method)
+    return cfg
+
+
+def _step_knobs(cfg) -> dict[str, int]:
+    """Every step count of a run config that sampling's cost is linear in: sample.steps and any method key
+    `*_steps` that is set (e.g. CMD's method.sampling.motion_steps), dotted key -> value."""
+    from omegaconf import OmegaConf
+
+    knobs = {"sample.steps": int(cfg.sample.steps)}
+
+    def walk(node, prefix):
+        for key in node.keys():
+            value = node[key]
+            if OmegaConf.is_dict(value):
+                walk(value, f"{prefix}{key}.")
+            elif str(key).endswith("_steps") and isinstance(value, int) and not isinstance(value, bool):
+                knobs[f"{prefix}{key}"] = value
+
+    walk(cfg.method, "method.")
+    return knobs
+
+
+def _with_values(cfg, values: dict):
+    """A copy of `cfg` with dotted keys set."""
+    from omegaconf import OmegaConf
+
+    cfg = copy.deepcopy(cfg)
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def _sampling_text(method, steps: int, guidance: float) -> str:
+    if hasattr(method, "sampling_settings"):  # CMD: content and motion models
+        cs, ms, wc, wm = method.sampling_settings(steps, guidance)
+        cfg_text = lambda w: f"CFG s={w:g}" if w != 1 else "no CFG"  # noqa: E731
+        return f"{cs} content ({cfg_text(wc)}) + {ms} motion ({cfg_text(wm)})"
+    denoiser = getattr(method, "denoiser", None)
+    guided = guidance != 1 and denoiser is not None and denoiser.embedder.enabled
+    return f"{steps} (CFG s={guidance:g})" if guided else f"{steps} (no CFG)"
+
+
+def measure_setting(preset: dict, name: str, *, height: int | None = None, width: int | None = None,
+                    frames: int | None = None, steps: int | None = None, exact: bool = False,
+                    counts: tuple[str, ...] = ("ours", "paper")) -> dict:
+    """FLOPs of one video at a preset setting, traced on the meta device, per network and per op.
+
+    `counts`: "ours" traces the sampler as configured; "paper" traces it again with every guidance scale at
+    1 for the paper's convention (COUNTED). `exact`: trace every sampling step; otherwise each step count at
+    1 and at 2, extrapolated linearly (every step costs the same, so this is exact too; the tests check it).
+    """
+    import torch
+    from omegaconf import OmegaConf
+
+    from benchmarks.common import build_method
+    from benchmarks.config import load_config
+    from methods.base import Conditioning
+
+    entry = preset["settings"][name]
+    spec, overrides, where = setting_spec(entry, height, width, frames, steps)
+    cfg = load_config(overrides)
+    n = cfg.sample.steps
+    label = torch.zeros(1, dtype=torch.long, device="meta") if spec.num_classes else None
+    cond = Conditioning(label=label)
+    vae = None
+    if entry.get("latent"):  # a latent-space baseline: the SD VAE decodes every frame of its sample
+        from diffusers import AutoencoderKL
+
+        vae = on_meta(lambda: AutoencoderKL.from_config(preset["diffusers"][entry["latent"]["diffusers"]]["vae"]))
+    built: dict[str, object] = {}
+
+    def build(c):
+        """The method for `c` on meta, built once per method config (the run's steps and guidance are not in it)."""
+        key = OmegaConf.to_yaml(c.method)
+        if key not in built:
+            with diffusers_from_configs(preset.get("diffusers", {})):
+                built[key] = on_meta(lambda: build_method(c, spec)).eval()
+        return built[key]
+
+    def trace(c) -> dict:
+        method = build(c)
+        owners = {id(m): part for part, mod in _parts(method).items() for m in mod.modules()}
+        by_op: dict = {}
+        with torch.no_grad():
+            with count_flops(owners, by_op):
+                out = method.sample(1, cond, steps=c.sample.steps, guidance=c.sample.guidance, generator=None,
+                                    eta=c.sample.eta)
+            if vae is not None:
+                with count_flops({id(m): "vae" for m in vae.modules()}, by_op):
+                    vae.decode(out.transpose(1, 2).flatten(0, 1) / vae.config.scaling_factor)  # (T, 4, h, w)
+        return by_op
+
+    def count(c) -> dict:
+        """{(network, op): FLOPs} of one sample at `c`'s step counts."""
+        if exact:
+            return trace(c)
+        knobs = _step_knobs(c)  # the cost is linear in each step count: trace at 1, then each at 2
+        ones = dict.fromkeys(knobs, 1)
+        base = trace(_with_values(c, ones))
+        total = dict(base)
+        for key, steps_k in knobs.items():
+            two = trace(_with_values(c, {**ones, key: 2}))
+            for k in {*base, *two}:
+                total[k] = total.get(k, 0) + (steps_k - 1) * (two.get(k, 0) - base.get(k, 0))
+        return total
+
+    method = build(cfg)
+    parts: dict[str, dict] = defaultdict(lambda: {"flops": 0, "unguided_flops": 0, "paper_macs": 0})
+    res = {"name": name, "label": entry.get("label", name), "method": entry["method"], "setting": where,
+           "steps": n, "sampling": _sampling_text(method, n, cfg.sample.guidance),
+           "params": sum(p.numel() for p in method.parameters()) + (
+               sum(p.numel() for p in vae.parameters()) if vae is not None else 0)}
+    if "ours" in counts:
+        ours = count(cfg)
+        for (part, _), v in ours.items():
+            parts[part]["flops"] += v
+        res["total_flops"] = sum(ours.values())
+        res["denoiser_flops"] = sum(v for (part, _), v in ours.items() if not is_decoder(part))
+    if "paper" in counts:
+        for (part, op), v in count(_unguided(cfg)).items():
+            parts[part]["unguided_flops"] += v
+            if not is_decoder(part) and op in LAYER_OPS:
+                parts[part]["paper_macs"] += v // 2
+        res["paper_macs"] = sum(p["paper_macs"] for p in parts.values())
+    res["parts"] = {k: dict(v, decoder=is_decoder(k)) for k, v in parts.items() if any(v.values())}
+    return res
+
+
+def paper_setting_rows(results: list[dict], preset: dict) -> list[dict]:
+    """Two rows per setting: as we count, and as the paper counts (beside the paper's figure)."""
+    by_name = {r["name"]: r for r in results}
+    rows = []
+    for r in results:
+        paper = preset["settings"][r["name"]].get("paper", {})
+        base = by_name.get(paper.get("baseline"))
+        base_paper = preset["settings"].get(paper.get("baseline"), {}).get("paper", {}).get("tflops")
+        for kind, key in (("ours", "total_flops"), ("paper", "paper_macs")):
+            if key not in r:
+                continue
+            ours = r[key] / 1e12
+            theirs = paper.get("tflops") if kind == "paper" else None
+            part_key = "flops" if kind == "ours" else "paper_macs"
+            rows.append({
+                "method": r["label"], "setting": r["setting"], "sampling": r["sampling"], "counted": COUNTED[kind],
+                "ours_tflops": ours, "paper_tflops": theirs, "ratio": ours / theirs if theirs else None,
+                "baseline": base["label"] if base else None,
+                "ours_vs_baseline": ours / (base[key] / 1e12) if base and base.get(key) else None,
+                "paper_vs_baseline": theirs / base_paper if theirs and base and base_paper else None,
+                "params_m": r["params"] / 1e6,
+                "parts_tflops": {k: v[part_key] / 1e12 for k, v in r["parts"].items() if v[part_key]},
+                "source": paper.get("source", ""), "kind": kind})
+    return rows
+
+
+def paper_settings_markdown(rows: list[dict]) -> str:
+    head = ["method", "setting", "sampling steps", "counted", "ours TFLOPs", "paper TFLOPs", "ours / paper",
+            "vs baseline: ours", "vs baseline: paper"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], r["setting"], r["sampling"], COUNTED_SHORT[r["kind"]], _g(r["ours_tflops"], 4),
+                 _g(r["paper_tflops"], 4), _g(r["ratio"]),
+                 f"{_g(r['ours_vs_baseline'])} ({r['baseline']})" if r["ours_vs_baseline"] is not None else "",
+                 _g(r["paper_vs_baseline"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def resolution_sweep(preset: dict, resolutions: list[int] | None = None, exact: bool = False) -> list[dict]:
+    """TFLOPs per video of every sweep setting at square resolutions (see the preset's `resolution_sweep`)."""
+    sweep = preset["resolution_sweep"]
+    rows = []
+    for name in sweep["settings"]:
+        for res in resolutions or sweep["resolutions"]:
+            r = measure_setting(preset, name, height=res, width=res, frames=sweep["frames"], steps=sweep["steps"],
+                                exact=exact, counts=("ours",))
+            rows.append({"method": r["label"], "name": name, "resolution": res, "frames": sweep["frames"],
+                         "setting": r["setting"], "sampling": r["sampling"], "tflops": r["total_flops"] / 1e12,
+                         "denoiser_tflops": r["denoiser_flops"] / 1e12, "params_m": r["params"] / 1e6,
+                         "parts_tflops": {k: v["flops"] / 1e12 for k, v in r["parts"].items()}})
+    return rows
+
+
+def resolution_plot(rows: list[dict], preset: dict, path: Path) -> Path:
+    """TFLOPs per video against resolution (solid: everything; dashed: decoders left out) and each
+    decomposition's cost relative to its baseline (below 1: it pays off)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = preset["settings"]
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    color = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    fig, (ax, rel) = plt.subplots(1, 2, figsize=(12, 5.6))
+    for n in names:
+        mine = sorted((r for r in rows if r["name"] == n), key=lambda r: r["resolution"])
+        xs = [r["resolution"] for r in mine]
+        ax.plot(xs, [r["tflops"] for r in mine], "o-", color=color[n], label=f"{mine[0]['method']}: {mine[0]['sampling']}")
+        ax.plot(xs, [r["denoiser_tflops"] for r in mine], "--", color=color[n], alpha=0.6)
+        base = settings[n].get("paper", {}).get("baseline")
+        if base in names:
+            ref = {r["resolution"]: r for r in rows if r["name"] == base}
+            pairs = [(r["resolution"], r["tflops"] / ref[r["resolution"]]["tflops"],
+                      r["denoiser_tflops"] / ref[r["resolution"]]["denoiser_tflops"]) for r in mine if r["resolution"] in ref]
+            rel.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-", color=color[n],
+                     label=f"{settings[n].get('label', n)} / {settings[base].get('label', base)}")
+            rel.plot([p[0] for p in pairs], [p[2] for p in pairs], "--", color=color[n], alpha=0.6)
+    for a in (ax, rel):
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.set_xticks(sorted({r["resolution"] for r in rows}))
+        a.set_xticklabels([f"{x}x{x}" for x in sorted({r["resolution"] for r in rows})])
+        a.set_xlabel(f"resolution ({rows[0]['frames']} frames)")
+        a.grid(True, which="both", alpha=0.3)
+    rel.axhline(1.0, color="gray", lw=1)
+    ax.set_ylabel("sampling TFLOPs per video")
+    ax.set_title("TFLOPs per video (solid: with decoders; dashed: without)", fontsize=10)
+    rel.set_ylabel("decomposed / its baseline")
+    rel.set_title("relative cost (below 1: the decomposition pays off)", fontsize=10)
+    for a in (ax, rel):  # below the panels, clear of the lines
+        a.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def paper_settings_main(opts: dict) -> list[dict]:
+    """`preset=<name>`: the table of the papers' settings, the resolution sweep and its plot."""
+    preset = load_preset(opts["preset"])
+    out = Path(opts["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in preset["table"]:
+        t0 = time.perf_counter()
+        results.append(measure_setting(preset, name, exact=opts["exact"]))
+        print(f"[{name}] traced ({time.perf_counter() - t0:.0f}s)", flush=True)
+    rows = paper_setting_rows(results, preset)
+    _write_csv(out / "efficiency_paper_settings.csv", rows)
+    print(paper_settings_markdown(rows))
+    written = ["efficiency_paper_settings.csv"]
+    if opts["sweep"] and preset.get("resolution_sweep"):
+        t0 = time.perf_counter()
+        sweep = resolution_sweep(preset, opts["resolutions"], exact=opts["exact"])
+        _write_csv(out / "efficiency_vs_resolution.csv", sweep)
+        resolution_plot(sweep, preset, out / "efficiency_vs_resolution.png")
+        print(f"[resolution sweep] traced ({time.perf_counter() - t0:.0f}s)")
+        print(resolution_markdown(sweep))
+        written += ["efficiency_vs_resolution.csv", "efficiency_vs_resolution.png"]
+    print(f"wrote {out}/" + ", ".join(written))
+    return rows
+
+
+def resolution_markdown(rows: list[dict]) -> str:
+    resolutions = sorted({r["resolution"] for r in rows})
+    head = ["method", *(f"{x}x{x} TFLOPs (no decoders)" for x in resolutions)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in dict.fromkeys(r["name"] for r in rows):
+        by_res = {r["resolution"]: r for r in rows if r["name"] == name}
+        cells = [next(iter(by_res.values()))["method"]]
+        cells += [f"{_g(by_res[x]['tflops'], 4)} ({_g(by_res[x]['denoiser_tflops'], 4)})" if x in by_res else ""
+                  for x in resolutions]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --- command line ----------------------------------------------------------------------------------------
 
 
 def _parse(argv: list[str]) -> tuple[dict, list[str]]:
-    opts = {"methods": None, "out": "results/efficiency", "repeats": 1, "timing": "auto", "train": True}
+    opts = {"methods": None, "out": "results/efficiency", "repeats": 1, "timing": "auto", "train": True,
+            "preset": None, "exact": False, "sweep": True, "resolutions": None}
     rest = []
     for a in argv:
         key, _, value = a.partition("=")
@@ -635,8 +1060,10 @@ def _parse(argv: list[str]) -> tuple[dict, list[str]]:
             if value not in ("auto", "on", "off"):
                 raise SystemExit(f"error: timing must be auto, on or off, got {value!r}")
             opts["timing"] = value
-        elif key == "train":
-            opts["train"] = value.lower() in ("1", "true", "yes", "on")
+        elif key in ("train", "exact", "sweep"):
+            opts[key] = value.lower() in ("1", "true", "yes", "on")
+        elif key == "resolutions":
+            opts["resolutions"] = [int(r) for r in value.split(",") if r]
         else:
             opts[key] = value
     return opts, rest
@@ -682,6 +1109,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from methods import METHODS
 
     opts, rest = _parse(argv)
+    if opts["preset"]:
+        if rest or opts["methods"]:
+            raise SystemExit(f"error: preset={opts['preset']} takes only out=, exact=, sweep= and resolutions=; "
+                             f"its settings are in configs/efficiency/{opts['preset']}.yaml (got {rest or argv})")
+        return paper_settings_main(opts)
     methods = opts["methods"] or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -704,7 +1136,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     _write_csv(out / "efficiency_reported.csv", reported_rows(results))
     bar_chart(results, out / "efficiency.png")
     print(markdown(results))
-    print(f"wrote {out}/efficiency.csv, efficiency_parts.csv, efficiency_reported.csv, efficiency.png")
+    print(f"wrote {out}/efficiency.csv, efficiency_parts.csv, efficiency_reported.csv, efficiency.png "
+          "(the papers' figures at their own settings: preset=paper-settings)")
     return results
 
 

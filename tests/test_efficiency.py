@@ -138,6 +138,7 @@ def test_ratios_against_vdm_and_the_papers_side_by_side():
     rows = {(r["method"], r["quantity"]): r for r in eff.reported_rows(results)}
     tflops = rows[("cmd", "sample_tflops")]
     assert tflops["paper_ratio"] == pytest.approx(46.8 / 939) and tflops["ours_ratio_vs_vdm"] == pytest.approx(0.1)
+    assert "preset=paper-settings" in tflops["note"]  # the paper's values are at its own setting, not ours
     assert rows[("cmd", "train_tflops:motion")]["ours_ratio_vs_vdm"] == pytest.approx(0.1)
     assert rows[("pvdm", "sample_seconds")]["ours_value"] is None  # not measured here: left empty
     assert "| broken | error: config: no such file" in eff.markdown(results)
@@ -157,3 +158,106 @@ def test_cli_writes_the_tables_and_the_chart(tmp_path):
     with Image.open(out / "efficiency.png") as im:
         assert im.format == "PNG" and im.size[0] > 600
     assert "| vdm |" in proc.stdout and "GFLOPs vs VDM" in proc.stdout
+
+
+# --- the papers' efficiency claims at the papers' settings (preset=paper-settings) ----------------------
+
+
+@pytest.fixture(scope="module")
+def preset():
+    return eff.load_preset("paper-settings")
+
+
+def test_paper_settings_preset_composes_every_setting(preset):
+    settings = preset["settings"]
+    cmd, cmd50 = settings["cmd"], settings["cmd-50-motion-steps"]
+    assert cmd50["method"] == "cmd" and cmd50["overrides"] == [*cmd["overrides"], "method.sampling.motion_steps=50"]
+    for name in {*preset["table"], *preset["resolution_sweep"]["settings"]}:
+        load_config(eff.setting_spec(settings[name])[1])  # every override is a run-config key
+    spec, _, where = eff.setting_spec(settings["modelscope"])
+    assert spec.video_shape == (4, 16, 64, 128) and where.startswith("512x1024x16")  # SD-VAE latents
+    spec, overrides, _ = eff.setting_spec(settings["pvdm"], height=128, width=128)
+    assert spec.video_shape == (3, 16, 128, 128) and overrides[-1] == "method.autoencoder.patch=4"  # 32x32 planes
+
+
+def test_step_counts_and_guidance_scales_are_found_in_the_run_config():
+    cfg = load_config(["method=cmd", "scale=paper", "method.sampling.motion_steps=7",
+                       "method.sampling.content_guidance=5"])
+    assert eff._step_knobs(cfg) == {"sample.steps": 50, "method.sampling.motion_steps": 7}
+    off = eff._unguided(cfg)
+    assert off.sample.guidance == 1 and off.method.sampling.content_guidance == 1
+    assert off.method.sampling.motion_guidance == 1 and cfg.method.sampling.content_guidance == 5  # a copy
+
+
+def test_sd_unet_flops_at_sd_size_are_in_the_known_range(preset):
+    from diffusers import UNet2DConditionModel
+
+    unet = eff.on_meta(lambda: UNet2DConditionModel.from_config(preset["diffusers"]["sd-2.1"]["unet"]))
+    assert 860e6 < sum(p.numel() for p in unet.parameters()) < 870e6  # SD-2.1's UNet: 866M
+    by_op = {}
+    with torch.no_grad(), eff.count_flops(None, by_op) as (counter, _):
+        unet(torch.zeros(1, 4, 64, 64, device="meta"), torch.zeros(1, device="meta"),
+             encoder_hidden_states=torch.zeros(1, 77, 1024, device="meta"))
+    layer_macs = sum(v for (_, op), v in by_op.items() if op in eff.LAYER_OPS) / 2
+    # one forward at 512x512: ~339 G multiply-adds in conv and linear layers (BK-SDM's count for SD's UNet; the CMD
+    # paper's 0.34 "TFLOPs" per content training step); attention's QK^T and AV add ~0.06 T multiply-adds
+    assert 330e9 < layer_macs < 345e9
+    assert 0.75e12 < counter.get_total_flops() < 0.85e12
+    assert counter.get_total_flops() == sum(by_op.values())
+
+
+def test_cfg_doubles_the_guided_model_and_nothing_else(preset):
+    parts = eff.measure_setting(preset, "cmd", height=128, width=256, steps=1, exact=True)["parts"]
+    assert parts["content.denoiser"]["flops"] == 2 * parts["content.denoiser"]["unguided_flops"]  # s = 4
+    for name in ("motion", "autoencoder", "content.vae"):  # motion sampled without CFG (official); decoders once
+        assert parts[name]["flops"] == parts[name]["unguided_flops"] > 0
+    assert parts["autoencoder"]["paper_macs"] == parts["content.vae"]["paper_macs"] == 0  # the paper leaves decoders out
+    assert parts["autoencoder"]["decoder"] and not parts["motion"]["decoder"]
+
+
+def test_extrapolated_count_is_the_full_trace_and_linear_in_steps(preset):
+    p = {**preset, "settings": {"cmd": {**preset["settings"]["cmd"]}}}
+    p["settings"]["cmd"]["overrides"] = [*p["settings"]["cmd"]["overrides"], "method.sampling.motion_steps=3"]
+    size = {"height": 64, "width": 128}
+    ours = ("ours",)
+    full = [eff.measure_setting(p, "cmd", steps=s, exact=True, counts=ours, **size) for s in (1, 2, 3)]
+    totals = [r["total_flops"] for r in full]  # s content + 3 motion steps, every one traced
+    assert totals[2] - totals[1] == totals[1] - totals[0] > 0  # every content step costs the same
+    fast = eff.measure_setting(p, "cmd", steps=3, counts=ours, **size)  # each step count at 1 and 2, extrapolated
+    assert fast["parts"] == full[2]["parts"] and fast["total_flops"] == totals[2]
+    assert fast["sampling"] == "3 content (CFG s=4) + 3 motion (no CFG)"
+
+
+def test_the_papers_convention_reproduces_the_cmd_papers_figures(preset):
+    results = [eff.measure_setting(preset, name, counts=("paper",)) for name in ("cmd-50-motion-steps", "modelscope")]
+    rows = {r["method"]: r for r in eff.paper_setting_rows(results, preset)}
+    assert {r["kind"] for r in rows.values()} == {"paper"}
+    cmd = rows[preset["settings"]["cmd-50-motion-steps"]["label"]]
+    ms = rows[preset["settings"]["modelscope"]["label"]]
+    assert ms["paper_tflops"] == 938.9 and ms["ratio"] == pytest.approx(1, abs=0.05)  # measured: 0.997
+    assert cmd["paper_tflops"] == 46.83 and cmd["ratio"] == pytest.approx(1, abs=0.05)  # measured: 1.01
+    assert cmd["ours_vs_baseline"] == pytest.approx(cmd["paper_vs_baseline"], rel=0.05)
+
+
+def test_cli_preset_writes_the_table_the_sweep_and_the_plot(preset, tmp_path):
+    from omegaconf import OmegaConf
+
+    few = {name: {**preset["settings"][name], "steps": 2, "video": [16, 64, 64]} for name in ("pvdm", "vdm-pixel")}
+    small = {"diffusers": preset["diffusers"], "settings": few, "table": ["pvdm", "vdm-pixel"],
+             "resolution_sweep": {"settings": ["vdm-pixel", "pvdm"], "resolutions": [64, 128], "frames": 16, "steps": 2}}
+    OmegaConf.save(OmegaConf.create(small), tmp_path / "small.yaml")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.efficiency", f"preset={tmp_path / 'small.yaml'}",
+                           f"out={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(out / "efficiency_paper_settings.csv")))
+    assert [r["kind"] for r in rows] == ["ours", "paper"] * 2
+    assert {"method", "setting", "counted", "ours_tflops", "paper_tflops", "ratio"} <= set(rows[0])
+    assert 0 < float(rows[0]["ours_vs_baseline"]) < 1  # PVDM against the pixel VDM
+    sweep = list(csv.DictReader(open(out / "efficiency_vs_resolution.csv")))
+    assert len(sweep) == 4
+    vdm = [float(r["tflops"]) for r in sweep if r["name"] == "vdm-pixel"]
+    assert vdm[1] == pytest.approx(4 * vdm[0], rel=0.05)  # a pixel UNet's cost grows with the pixel count
+    with Image.open(out / "efficiency_vs_resolution.png") as im:
+        assert im.format == "PNG" and im.size[0] > 600
+    assert "| PVDM-L" in proc.stdout and "MACs; layers, no CFG, no decoders" in proc.stdout
