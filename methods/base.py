@@ -28,6 +28,7 @@ class DataSpec:
     width: int = 32
     num_classes: int = 0  # 0 = unconditional on class
     captions: bool = False  # the dataset provides text
+    class_names: tuple[str, ...] = ()  # names by label (Stable Diffusion priors turn labels into prompts with them)
 
     @property
     def video_shape(self) -> tuple[int, int, int, int]:

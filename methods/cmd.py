@@ -9,9 +9,11 @@ Notation (paper section 3; shapes per video):
     x_hat    the decoder's reconstruction from (content, z)                      eq. 5-6
 Stages: [image_prior ->] autoencoder -> content -> motion. The content model is a 2D
 diffusion model over content frames with the image prior's architecture (initialised from
-it when content.init = image_prior); the motion model is a DiT over z that sees the content
-frame as a second, concatenated token set. Sampling is Algorithm 1: content frame by DDIM
-with CFG, then z by DDIM conditioned on it with CFG, then decode.
+it when content.init = image_prior), or (content.arch = dit) a class-conditional DiT over the
+content frame trained from scratch, as the official code does for UCF-101 (DiT-L/2); the
+motion model is a DiT over z that sees the content frame as a second, concatenated token set.
+Sampling is Algorithm 1: content frame by DDIM with CFG, then z by DDIM conditioned on it with
+CFG, then decode.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from methods import diffusion as D
 from methods.base import Conditioning, DataSpec, VideoBatch, VideoGenerator
 from methods.image_prior import ImagePrior, ImagePriorConfig, image_prior_cache_key, random_frames, repeat_conditioning
-from methods.nets.embed import ConditionEmbedder, TextEncoderConfig, TimestepEmbedder
+from methods.nets.embed import ConditionEmbedder, TextEncoderConfig, TimestepEmbedder, trainable
 from methods.nets.transformer import DiT, DiTConfig, DiTFinalLayer, SpaceTimeTransformer, sincos_2d
 from methods.vdm import DiffusionConfig, run_sampler
 
@@ -47,6 +49,12 @@ class AutoencoderConfig:
 @dataclass
 class ContentConfig:
     init: str = "image_prior"  # image_prior: start from the trained/cached image prior | scratch
+    # prior: the image prior's network (lean UNet, or a diffusers folder's UNet) | dit: a DiT over the content frame
+    # (patch embedding, adaLN-Zero with timestep + class/text, needs init=scratch; the official UCF-101 content model
+    # is DiT-L/2 from scratch). Its schedule is method.image_prior.diffusion; in latent mode it uses the folder's VAE.
+    arch: str = "prior"
+    dit: DiTConfig = field(default_factory=DiTConfig)  # content.arch=dit: the trunk (DiT-L: 1024 wide, 24 deep, 16 heads)
+    patch: int = 2  # content.arch=dit: the content frame is cut into patch x patch tokens (DiT-L/2: 2)
 
 
 @dataclass
@@ -158,6 +166,42 @@ class ContentMotionAutoencoder(nn.Module):
         return self.decode(content, z)
 
 
+# --- content diffusion (content.arch = dit) -----------------------------------------------------
+
+
+class ContentDiT(nn.Module):
+    """A DiT over an image (B, C, H, W) behind the `(x, t, emb)` backbone call (Peebles & Xie 2023).
+
+    The frame is patch-embedded (patch x patch), given 2D sin-cos positions for its grid, run through the
+    shared `DiT` trunk with c = timestep + class/text embedding in adaLN-Zero, and unpatchified by the
+    zero-initialised `DiTFinalLayer`: the untrained model predicts 0. (The official content DiT also
+    learns the variance; here it predicts the configured objective only, like every model in the framework.)
+    """
+
+    def __init__(self, channels: int, cfg: DiTConfig, patch: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Conv2d(channels, cfg.width, patch, stride=patch)
+        self.time = TimestepEmbedder(cfg.width)
+        self.dit = DiT(cfg)
+        self.final = DiTFinalLayer(cfg.width, patch * patch * channels)
+        self.emb_dim = cfg.width
+
+    def forward(self, x: Tensor, t: Tensor, emb: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W), t (B,), emb (B, width) -> (B, C, H, W)."""
+        p = self.patch
+        H, W = x.shape[-2:]
+        if H % p or W % p:
+            raise ValueError(f"content frame {(H, W)} is not divisible by method.content.patch={p}")
+        h = rearrange(self.embed(x), "b d h w -> b (h w) d")  # (B, L, width)
+        h = h + sincos_2d(H // p, W // p, h.shape[-1], h.device).to(h.dtype)
+        c = self.time(t)
+        if emb is not None:
+            c = c + emb
+        out = self.final(self.dit(h, c), c)  # (B, L, p*p*C)
+        return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, p=p, q=p)
+
+
 # --- motion diffusion --------------------------------------------------------------------------
 
 
@@ -265,7 +309,14 @@ class CMD(VideoGenerator):
             raise ValueError(f"content.init must be 'image_prior' or 'scratch', got {cfg.content.init!r}")
         if cfg.space not in ("pixel", "latent"):
             raise ValueError(f"method.space must be 'pixel' or 'latent', got {cfg.space!r}")
-        self.content = ImagePrior(cfg.image_prior, data)  # content-frame diffusion, the prior's architecture
+        if cfg.content.arch not in ("prior", "dit"):
+            raise ValueError(f"method.content.arch must be 'prior' or 'dit', got {cfg.content.arch!r}")
+        if cfg.content.arch == "dit" and cfg.content.init != "scratch":
+            raise ValueError("method.content.arch=dit trains the content DiT from scratch (the image prior is a UNet): "
+                             "set method.content.init=scratch")
+        dit = (lambda shape: ContentDiT(shape[0], cfg.content.dit, cfg.content.patch)) if cfg.content.arch == "dit" else None
+        # content-frame diffusion: the prior's architecture (and later its weights), or a DiT
+        self.content = ImagePrior(cfg.image_prior, data, backbone=dit)
         if (cfg.space == "latent") != (self.content.vae is not None):
             raise ValueError("method.space=latent needs an image prior with a VAE (method.image_prior.diffusers_path "
                              "holding vae/), and a prior with a VAE needs method.space=latent")
@@ -291,8 +342,7 @@ class CMD(VideoGenerator):
             return self.image_prior.trainable_parameters()
         if stage == "content":
             return self.content.trainable_parameters()
-        module = self.autoencoder if stage == "autoencoder" else self.motion
-        return [p for p in module.parameters() if p.requires_grad]
+        return trainable(self.autoencoder if stage == "autoencoder" else self.motion)  # a CLIP text encoder stays frozen
 
     def shared_stage_config(self, stage: str) -> dict:
         """What determines a shared stage's weights besides data and training settings (its cache key)."""

@@ -22,7 +22,7 @@ from torch import Tensor
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_t, t) -> prediction
 NoiseFn = Callable[[Tensor, torch.Generator | None], Tensor]  # (like, generator) -> noise shaped like `like`
 
-SCHEDULES = ("linear", "ldm_linear", "cosine")
+SCHEDULES = ("linear", "ldm_linear", "cosine", "scaled_linear")
 OBJECTIVES = ("eps", "v", "x0")
 
 
@@ -43,12 +43,15 @@ def default_noise(like: Tensor, generator: torch.Generator | None = None) -> Ten
 
 def beta_schedule(name: str, num_timesteps: int = 1000) -> Tensor:
     """Betas (T,) float64. linear: DDPM 1e-4..0.02; ldm_linear: latent-diffusion
-    linspace(sqrt(0.00085...)) style with (0.0015, 0.0195) as PVDM; cosine: Nichol & Dhariwal 2021 eq. 17."""
+    linspace(sqrt(0.00085...)) style with (0.0015, 0.0195) as PVDM; cosine: Nichol & Dhariwal 2021 eq. 17;
+    scaled_linear: Stable Diffusion's linspace(sqrt(0.00085), sqrt(0.012))^2 (diffusers' "scaled_linear")."""
     if name == "linear":
         scale = 1000 / num_timesteps  # keeps the endpoints meaningful for T != 1000
         return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
     if name == "ldm_linear":
         return torch.linspace(0.0015**0.5, 0.0195**0.5, num_timesteps, dtype=torch.float64) ** 2
+    if name == "scaled_linear":
+        return scaled_linear_betas(0.00085, 0.012, num_timesteps)
     if name == "cosine":
         s = 0.008
         steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
@@ -56,6 +59,11 @@ def beta_schedule(name: str, num_timesteps: int = 1000) -> Tensor:
         betas = 1 - f[1:] / f[:-1]
         return betas.clamp(max=0.999)
     raise ValueError(f"unknown beta schedule {name!r}; choose one of {SCHEDULES}")
+
+
+def scaled_linear_betas(beta_start: float, beta_end: float, num_timesteps: int) -> Tensor:
+    """(T,) float64 betas linear in sqrt(beta): a Stable Diffusion folder's own endpoints (scheduler_config.json)."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
 
 
 def alpha_bar_schedule(name: str, num_timesteps: int = 1000) -> Tensor:

@@ -5,7 +5,11 @@ model, VideoFusion's base generator), so it is method-agnostic: it knows images 
 conditions, nothing of videos. It is either
 - a lean 2D UNet (`methods/nets/unet.py`, temporal=False) trained on frames of the dataset, or
 - a diffusers `UNet2DConditionModel` (+ optional `AutoencoderKL`) loaded from a local folder
-  (e.g. Stable Diffusion's `unet/` and `vae/`), then fine-tuned like the lean one.
+  (e.g. Stable Diffusion's `unet/` and `vae/`), then fine-tuned like the lean one. When the folder
+  also has `text_encoder/` + `tokenizer/`, the UNet is conditioned as Stable Diffusion is: captions,
+  or class labels through `class_prompt`, encoded by the folder's frozen CLIP text encoder, with the
+  empty prompt as the CFG null (`methods/nets/sd.py`); its `scheduler/scheduler_config.json` gives
+  the noise schedule and prediction type (config key `scheduler`).
 With a VAE the prior models x0 = scale * vae.encode(frame) (latent diffusion); without, pixels.
 The framework trains it once and caches its weights by config hash (see `shared_stages`).
 
@@ -14,6 +18,7 @@ Notation: x0 (B, C, H, W) an image in the prior's space, x_t its noised version,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +28,8 @@ from torch import Tensor, nn
 from methods import diffusion as D
 from methods.base import Conditioning, DataSpec
 from methods.nets.cond_denoiser import CondDenoiser
-from methods.nets.embed import TextEncoderConfig
+from methods.nets.embed import TextEncoderConfig, trainable
+from methods.nets.sd import PromptDenoiser, PromptEncoder, has_prompt_encoder, read_schedule
 from methods.nets.unet import UNet, UNetConfig
 from methods.vdm import DiffusionConfig, run_sampler
 
@@ -39,6 +45,18 @@ class ImagePriorConfig:
     diffusers_path: str | None = None
     latent_scale: float | None = None  # x0 = scale * VAE latent; None: the VAE config's scaling_factor
     frames_per_video: int = 2  # frames drawn from each training clip per step
+    # With diffusers_path only. How the UNet sees the condition: auto: the folder's CLIP text_encoder/ + tokenizer/
+    # when it has both (Stable Diffusion's own conditioning), else `learned`; folder: require them; learned: a new,
+    # trained embedding as one cross-attention token (SD's text conditioning unused: an ablation)
+    prompt_encoder: str = "auto"
+    class_prompt: str = "a video of {class}"  # class labels -> prompts ({class}: the class name in words)
+    # Noise schedule and prediction type. auto: the folder's scheduler/scheduler_config.json when it has one (what
+    # its UNet was trained with: SD's scaled_linear 0.00085..0.012, epsilon or v_prediction), else `diffusion` above;
+    # folder: require it; config: `diffusion` above whatever the folder says
+    scheduler: str = "auto"
+
+
+SD_ONLY_KEYS = ("prompt_encoder", "class_prompt", "scheduler")  # keys that mean nothing without diffusers_path
 
 
 def image_prior_cache_key(owner: str, stage: str, cfg: ImagePriorConfig, data: DataSpec) -> dict:
@@ -46,7 +64,12 @@ def image_prior_cache_key(owner: str, stage: str, cfg: ImagePriorConfig, data: D
     definition for every method that shares the stage, so equal prior configs give one cache entry."""
     if stage != "image_prior":
         raise ValueError(f"{owner} shares only its image_prior stage, not {stage!r}")
-    return {"image_prior": asdict(cfg), "data": asdict(data)}
+    prior, spec = asdict(cfg), asdict(data)
+    if not cfg.diffusers_path:  # keys only a Stable Diffusion folder uses stay out: a lean prior's key is unchanged
+        for key in SD_ONLY_KEYS:
+            prior.pop(key)
+        spec.pop("class_names")
+    return {"image_prior": prior, "data": spec}
 
 
 class DiffusersUNet2D(nn.Module):
@@ -96,38 +119,87 @@ def repeat_conditioning(cond: Conditioning, k: int) -> Conditioning:
     )
 
 
+def load_vae(path: str) -> nn.Module | None:
+    """The AutoencoderKL under `<path>/vae/`, or None (for a content model that uses only a folder's latent space)."""
+    root = Path(path)
+    if not (root / "vae").is_dir():
+        return None
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(root / "vae")
+
+
+Backbone = Callable[[tuple[int, int, int]], nn.Module]  # image shape (C, H, W) -> a `(x, t, emb)` backbone with emb_dim
+
+
 class ImagePrior(nn.Module):
-    """A conditional 2D diffusion model eps_theta(x_t, t, c) over images (B, C, H, W)."""
+    """A conditional 2D diffusion model eps_theta(x_t, t, c) over images (B, C, H, W).
+
+    `backbone` replaces the prior's own network (CMD's content DiT): it is built for the prior's image
+    shape and conditioned through a learned embedding; a diffusers folder then gives only its VAE
+    (the latent space), and the schedule is `cfg.diffusion` unless `cfg.scheduler=folder`.
+    """
 
     Config = ImagePriorConfig
 
-    def __init__(self, cfg: ImagePriorConfig, data: DataSpec) -> None:
+    def __init__(self, cfg: ImagePriorConfig, data: DataSpec, backbone: Backbone | None = None) -> None:
         super().__init__()
+        for key, value, choices in (("prompt_encoder", cfg.prompt_encoder, ("auto", "folder", "learned")),
+                                    ("scheduler", cfg.scheduler, ("auto", "folder", "config"))):
+            if value not in choices:
+                raise ValueError(f"method.image_prior.{key} must be one of {'|'.join(choices)}, got {value!r}")
         self.cfg = cfg
         self.vae: nn.Module | None = None
+        unet, vae = (None, None)
         if cfg.diffusers_path:
-            unet, vae = load_diffusers(cfg.diffusers_path)
-            backbone: nn.Module = DiffusersUNet2D(unet)
-            if vae is not None:
-                self.vae = vae.eval().requires_grad_(False)
-                self.latent_scale = cfg.latent_scale or vae.config.scaling_factor
-                down = 2 ** (len(vae.config.block_out_channels) - 1)
-                self.image_shape = (vae.config.latent_channels, data.height // down, data.width // down)
-            else:
-                self.image_shape = (data.channels, data.height, data.width)
-            if unet.config.in_channels != self.image_shape[0]:
-                raise ValueError(f"the diffusers UNet in {cfg.diffusers_path} takes {unet.config.in_channels} "
-                                 f"channels; the prior's images have {self.image_shape[0]}")
+            unet, vae = load_diffusers(cfg.diffusers_path) if backbone is None else (None, load_vae(cfg.diffusers_path))
+        if vae is not None:
+            self.vae = vae.eval().requires_grad_(False)
+            self.latent_scale = cfg.latent_scale or vae.config.scaling_factor
+            down = 2 ** (len(vae.config.block_out_channels) - 1)
+            self.image_shape = (vae.config.latent_channels, data.height // down, data.width // down)
         else:
             self.image_shape = (data.channels, data.height, data.width)
-            backbone = UNet(data.channels, data.channels, cfg.unet, temporal=False)
-        self.denoiser = CondDenoiser(backbone, backbone.emb_dim, cfg.conditioning, data.num_classes, cfg.text)
-        self.register_buffer("alpha_bar", D.alpha_bar_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps),
-                             persistent=False)
+        if unet is not None and unet.config.in_channels != self.image_shape[0]:
+            raise ValueError(f"the diffusers UNet in {cfg.diffusers_path} takes {unet.config.in_channels} "
+                             f"channels; the prior's images have {self.image_shape[0]}")
+        self.denoiser: nn.Module
+        if unet is not None and self._uses_prompts():
+            self.denoiser = PromptDenoiser(unet, PromptEncoder(cfg.diffusers_path), cfg.conditioning, data.class_names,
+                                           cfg.class_prompt)
+        else:
+            if backbone is not None:
+                net = backbone(self.image_shape)
+            elif unet is not None:
+                net = DiffusersUNet2D(unet)
+            else:
+                net = UNet(data.channels, data.channels, cfg.unet, temporal=False)
+            self.denoiser = CondDenoiser(net, net.emb_dim, cfg.conditioning, data.num_classes, cfg.text)
+        # the noise schedule and prediction type: the folder's (what its UNet was trained with) or the config's
+        folder = read_schedule(cfg.diffusers_path) if cfg.diffusers_path and cfg.scheduler != "config" else None
+        if cfg.scheduler == "folder" and folder is None:
+            raise FileNotFoundError(f"method.image_prior.scheduler=folder: {cfg.diffusers_path!r} has no "
+                                    "scheduler/scheduler_config.json")
+        if folder is not None and (unet is not None or cfg.scheduler == "folder"):
+            alpha_bar, self.objective = folder.alpha_bar, folder.objective
+            self.schedule = {"source": "folder", **folder.source}
+        else:
+            d = cfg.diffusion
+            alpha_bar, self.objective = D.alpha_bar_schedule(d.schedule, d.num_timesteps), d.objective
+            self.schedule = {"source": "config", "schedule": d.schedule, "num_timesteps": d.num_timesteps,
+                             "objective": d.objective}
+        self.register_buffer("alpha_bar", alpha_bar, persistent=False)
+
+    def _uses_prompts(self) -> bool:
+        """Whether the diffusers UNet is conditioned by the folder's CLIP text encoder (config key prompt_encoder)."""
+        cfg = self.cfg
+        if cfg.prompt_encoder == "learned":
+            return False
+        return cfg.prompt_encoder == "folder" or has_prompt_encoder(cfg.diffusers_path)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The denoiser's trainable parameters (a VAE and a CLIP text encoder stay frozen)."""
-        return [p for p in self.denoiser.parameters() if p.requires_grad]
+        return trainable(self.denoiser)
 
     # --- the space the prior models -----------------------------------------------------------
 
@@ -153,12 +225,12 @@ class ImagePrior(nn.Module):
         t = D.sample_timesteps(n, len(self.alpha_bar), x0.device)
         drop = self.denoiser.random_drop(n, self.cfg.diffusion.cond_drop_prob, x0.device)
         per_sample = D.diffusion_loss(lambda x_t, tt: self.denoiser(x_t, tt, cond, drop), x0, t, self.alpha_bar,
-                                      torch.randn_like(x0), self.cfg.diffusion.objective)
+                                      torch.randn_like(x0), self.objective)
         return per_sample.mean()
 
     def eps_model(self, cond: Conditioning | None, guidance: float) -> D.Model:
         """model(x_t, t) -> eps with classifier-free guidance scale s = `guidance` (1: none)."""
-        return D.as_eps_model(self.denoiser.guided(cond, guidance), self.alpha_bar, self.cfg.diffusion.objective)
+        return D.as_eps_model(self.denoiser.guided(cond, guidance), self.alpha_bar, self.objective)
 
     @torch.no_grad()
     def sample(self, n: int, cond: Conditioning | None, *, steps: int, guidance: float,

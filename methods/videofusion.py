@@ -11,6 +11,9 @@ Notation (paper section 3; per video of N frames, frame index i, key frame k = f
     x'_t^i   = x_t^i - sqrt(lam_i) sqrt(1 - alpha_bar_t) z_b(x_t^k, t)               (eq. 9)
     z_r      residual generator: predicts r_i from x'_t^i, t and the frame index i
     eps_hat_i = sqrt(lam_i) z_b(x_t^k, t) + sqrt(1 - lam_i) z_r(x'_t^i, t, i)         (eq. 10)
+With a Stable Diffusion prior (`image_prior.diffusers_path` holding `vae/`) the whole decomposition runs
+on per-frame VAE latents (C, H, W above are the latent's), z_b starts from the folder's UNet conditioned
+through its own text encoder (methods/image_prior.py), and samples are decoded frame by frame.
 Every frame's marginal is the usual DDPM one, so a standard DDIM step per frame samples it,
 with the start noise and (eta > 0) the step noise drawn from the same decomposition: this
 is the sampler's `noise_fn`. The base generator learns only from the key-frame loss (the
@@ -29,7 +32,7 @@ from methods import diffusion as D
 from methods.base import Conditioning, DataSpec, VideoBatch, VideoGenerator
 from methods.image_prior import ImagePrior, ImagePriorConfig, image_prior_cache_key, random_frames, repeat_conditioning
 from methods.nets.cond_denoiser import CondDenoiser
-from methods.nets.embed import TextEncoderConfig
+from methods.nets.embed import TextEncoderConfig, trainable
 from methods.nets.unet import UNet, UNetConfig
 from methods.vdm import run_sampler
 
@@ -65,21 +68,24 @@ class VideoFusion(VideoGenerator):
             raise ValueError(f"method.lam must be in [0, 1), got {cfg.lam}")
         if cfg.base_init not in ("image_prior", "scratch"):
             raise ValueError(f"method.base_init must be 'image_prior' or 'scratch', got {cfg.base_init!r}")
-        if cfg.image_prior.diffusion.objective != "eps":
+        if cfg.image_prior.diffusion.objective != "eps" and not cfg.image_prior.diffusers_path:
             raise ValueError("VideoFusion's noise decomposition needs eps-prediction: set "
                              "method.image_prior.diffusion.objective=eps")
-        if cfg.image_prior.diffusers_path:
-            raise ValueError("VideoFusion runs in pixel space here: method.image_prior.diffusers_path is not supported")
         self.cfg = cfg
         self.key = data.frames // 2  # k = floor(N / 2)
-        self.base = ImagePrior(cfg.image_prior, data)  # z_b
+        self.base = ImagePrior(cfg.image_prior, data)  # z_b (a Stable Diffusion folder's UNet, text encoder, VAE)
+        if self.base.objective != "eps":  # a folder's scheduler may say v_prediction (SD 2.x 768)
+            raise ValueError(
+                "VideoFusion's noise decomposition needs eps-prediction; the image prior predicts "
+                f"{self.base.objective!r} ({self.base.schedule}): use an epsilon-prediction Stable Diffusion folder, "
+                "or set method.image_prior.scheduler=config with method.image_prior.diffusion.objective=eps")
         if cfg.base_init == "image_prior":
             self.image_prior = ImagePrior(cfg.image_prior, data)
         else:
             self.image_prior = None
             self.stages = ("video",)
             self.shared_stages = {}
-        c = data.channels
+        c = self.base.image_shape[0]  # pixels' channels, or a VAE's latent channels
         backbone = UNet(c, c, cfg.residual.unet, temporal=cfg.residual.temporal)
         self.residual = CondDenoiser(backbone, backbone.emb_dim, cfg.residual.conditioning, data.num_classes,
                                      cfg.residual.text)  # z_r
@@ -104,7 +110,7 @@ class VideoFusion(VideoGenerator):
         """Optimiser groups with a relative learning rate (`lr_scale`): z_b fine-tunes slowly."""
         if stage != "video":
             return [{"params": self.stage_parameters(stage), "lr_scale": 1.0}]
-        residual = [p for p in [*self.residual.parameters(), *self.frame_embed.parameters()] if p.requires_grad]
+        residual = [*trainable(self.residual), *trainable(self.frame_embed)]  # a CLIP text encoder stays frozen
         return [{"params": residual, "lr_scale": 1.0},
                 {"params": self.base.trainable_parameters(), "lr_scale": self.cfg.base_lr_scale}]
 
@@ -115,6 +121,22 @@ class VideoFusion(VideoGenerator):
     def on_stage_start(self, stage: str) -> None:
         if stage == "video" and self.image_prior is not None:
             self.base.load_state_dict(self.image_prior.state_dict())
+
+    # --- the space the decomposition runs in (pixels, or per-frame VAE latents) ------------------------
+
+    def to_space(self, video: Tensor) -> Tensor:
+        """Pixels (B, C, T, H, W) -> x0 of the video diffusion (per-frame VAE latents with a Stable Diffusion prior)."""
+        if self.base.vae is None:
+            return video
+        frames = self.base.encode(rearrange(video, "b c t h w -> (b t) c h w"))
+        return rearrange(frames, "(b t) c h w -> b c t h w", t=video.shape[2])
+
+    def from_space(self, x0: Tensor) -> Tensor:
+        """x0 of the video diffusion -> pixels (B, C, T, H, W) in [-1, 1]."""
+        if self.base.vae is None:
+            return x0.clamp(-1, 1)
+        frames = self.base.decode(rearrange(x0, "b c t h w -> (b t) c h w"))
+        return rearrange(frames, "(b t) c h w -> b c t h w", t=x0.shape[2])
 
     # --- the decomposed noise -----------------------------------------------------------------------
 
@@ -153,7 +175,9 @@ class VideoFusion(VideoGenerator):
         cond = Conditioning.from_batch(batch)
         if stage == "image_prior":
             k = self.cfg.image_prior.frames_per_video
-            return {"loss": self.image_prior.loss(random_frames(video, k), repeat_conditioning(cond, k))}
+            frames = self.image_prior.encode(random_frames(video, k))  # pixels, or VAE latents
+            return {"loss": self.image_prior.loss(frames, repeat_conditioning(cond, k))}
+        video = self.to_space(video)  # (B, C, T, H, W) pixels, or per-frame VAE latents
         B = video.shape[0]
         t = D.sample_timesteps(B, len(self.alpha_bar), video.device)
         eps = self.noise(video)  # (B, C, T, H, W)
@@ -195,8 +219,9 @@ class VideoFusion(VideoGenerator):
     @torch.no_grad()
     def sample(self, n: int, cond: Conditioning, *, steps: int, guidance: float,
                generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
-        like = torch.empty((n, *self.data.video_shape), device=self.lam.device)
+        C, H, W = self.base.image_shape
+        like = torch.empty((n, C, self.data.frames, H, W), device=self.lam.device)
         x_T = self.noise(like, generator)  # the start noise has the decomposed structure too
         x0 = run_sampler(self.cfg.image_prior.diffusion.sampler, self.eps_model(cond, guidance), x_T, self.alpha_bar,
                          steps, eta, generator, noise_fn=self.noise)
-        return x0.clamp(-1, 1)
+        return self.from_space(x0).float() if self.base.vae is not None else x0.clamp(-1, 1)

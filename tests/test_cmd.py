@@ -245,3 +245,67 @@ def test_generation_probe_attributes_accuracy_and_its_reconstruction_pair_is_rec
     det = load_detector("shapes")
     expected = (det.probs(method.reconstruct(val["video"])).argmax(-1) == val["label"]).float().mean().item()
     assert out["real_content_real_z"] == pytest.approx(expected)
+
+
+# --- content.arch = dit: the official UCF-101 content model (a DiT from scratch) ----------------------------
+
+
+def test_content_dit_shapes_conditioning_and_zero_start():
+    from methods.cmd import ContentDiT
+    from methods.nets.transformer import DiT
+
+    torch.manual_seed(0)
+    cmd = CMD(tiny_config(**{"content.arch": "dit", "content.init": "scratch"}), DATA)
+    assert cmd.stages == ("autoencoder", "content", "motion")
+    net = cmd.content.denoiser.backbone
+    assert isinstance(net, ContentDiT) and isinstance(net.dit, DiT)  # the shared trunk, not a second transformer
+    x_t, t = torch.randn(2, 3, RES, RES), torch.tensor([10, 900])
+    assert cmd.content.denoiser(x_t, t, Conditioning(label=torch.tensor([0, 1]))).abs().max() == 0  # adaLN-Zero
+    randomise(net)
+    randomise(cmd.content.denoiser.embedder)
+    eps = cmd.content.denoiser(x_t, t, Conditioning(label=torch.tensor([0, 1])))
+    assert eps.shape == x_t.shape
+    assert (cmd.content.denoiser(x_t, t, Conditioning(label=torch.tensor([2, 3]))) - eps).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="content.patch"):
+        net(torch.randn(1, 3, 15, 16), torch.tensor([1]))
+
+
+def test_content_dit_trains_and_samples():
+    torch.manual_seed(0)
+    cmd = CMD(tiny_config(**{"content.arch": "dit", "content.init": "scratch"}), DATA)
+    batch = shapes_batch()
+    params = cmd.stage_parameters("content")
+    assert {id(p) for p in params} == {id(p) for p in cmd.content.denoiser.parameters()}
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    for stage in cmd.stages:
+        assert torch.isfinite(cmd.loss(stage, batch)["loss"]), stage
+    before = [p.clone() for p in params]
+    loss = cmd.loss("content", batch)["loss"]
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))
+    video = cmd.sample(2, Conditioning(label=torch.tensor([0, 1])), steps=2, guidance=2.0)
+    assert video.shape == (2, *DATA.video_shape) and video.abs().max() <= 1
+
+
+def test_content_dit_options_name_the_key():
+    with pytest.raises(ValueError, match="content.init=scratch"):
+        CMD(tiny_config(**{"content.arch": "dit"}), DATA)
+    with pytest.raises(ValueError, match="content.arch"):
+        CMD(tiny_config(**{"content.arch": "transformer", "content.init": "scratch"}), DATA)
+
+
+def test_ablation_sweep_budget_matches_pretrained_and_scratch():
+    """The scratch content model gets the image prior's steps too; the default appears once."""
+    from benchmarks.config import load_config, stage_settings
+    from benchmarks.sweep import load_sweep
+
+    spec = load_sweep("cmd_ablation")
+    variants = [v for v in spec.variants if any(o.startswith("method.content.") for o in v)]
+    assert variants and all("method.content.init=scratch" in v for v in variants)
+    default = load_config([*spec.base])
+    budget = stage_settings(default, "image_prior")["max_steps"] + stage_settings(default, "content")["max_steps"]
+    for variant in variants:
+        cfg = load_config([*spec.base, *variant])
+        assert stage_settings(cfg, "content")["max_steps"] == budget, variant
+    assert sum(v == [] or v == ["seed=0"] for v in spec.variants) == 1

@@ -80,6 +80,8 @@ class LearnedTextEncoder(nn.Module):
 class CLIPTextEncoder(nn.Module):
     """A frozen CLIP text encoder from a local transformers folder (nothing is downloaded)."""
 
+    frozen_weights = True  # never trained: `trainable` leaves its parameters out of every stage
+
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
         from pathlib import Path
@@ -100,6 +102,14 @@ class CLIPTextEncoder(nn.Module):
         out = self.model(**enc)
         h = out.last_hidden_state
         return h, h[torch.arange(h.shape[0]), enc["input_ids"].argmax(-1)]
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """`module`'s parameters that a stage may train: requires_grad, minus those of submodules marked
+    `frozen_weights = True` (a pretrained text encoder), whatever their requires_grad says (a runner that
+    re-enables every parameter between stages must not turn them into trained ones)."""
+    frozen = {id(p) for m in module.modules() if getattr(m, "frozen_weights", False) for p in m.parameters()}
+    return [p for p in module.parameters() if p.requires_grad and id(p) not in frozen]
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> nn.Module:
