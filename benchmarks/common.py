@@ -6,7 +6,6 @@ import importlib.metadata
 import subprocess
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from datamodules.base import LoaderConfig, VideoDataModule
@@ -18,13 +17,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 def build_datamodule(cfg: DictConfig) -> VideoDataModule:
     loader = LoaderConfig(**cfg.data) if not isinstance(cfg.data, LoaderConfig) else cfg.data
-    return VideoDataModule(cfg.dataset, loader)
+    # a method that trains on longer items than it is evaluated on says how long (PVDM: previous clip + clip)
+    method = METHODS.get(cfg.method.name) if "method" in cfg else None
+    frames = getattr(method, "training_frames", None)
+    return VideoDataModule(cfg.dataset, loader, train_frames=frames(cfg.method, cfg.dataset.frames) if frames else None)
 
 
 def data_spec(cfg: DictConfig, dm: VideoDataModule) -> DataSpec:
     ds = cfg.dataset
     return DataSpec(channels=ds.channels, frames=ds.frames, height=ds.resolution, width=ds.resolution,
-                    num_classes=dm.num_classes, captions=dm.has_captions)
+                    num_classes=dm.num_classes, captions=dm.has_captions, class_names=tuple(dm.class_names))
 
 
 def build_method(cfg: DictConfig, spec: DataSpec) -> VideoGenerator:
@@ -35,14 +37,18 @@ def build_method(cfg: DictConfig, spec: DataSpec) -> VideoGenerator:
     return cls(method_cfg, spec)
 
 
-def real_conditioning(dm: VideoDataModule, n: int, split: str = "val", first_frame: bool = False) -> Conditioning:
-    """Conditions drawn from the first n real clips of `split` (labels/captions as the real set has them)."""
-    ds = dm.dataset(split)
-    items = [ds[i % len(ds)] for i in range(n)]
-    label = torch.tensor([it["label"] for it in items]) if all(it.get("label", -1) >= 0 for it in items) else None
-    text = [it["text"] for it in items] if all(it.get("text") is not None for it in items) else None
-    ff = torch.stack([it["video"][:, 0] for it in items]) if first_frame else None
-    return Conditioning(label=label, text=text, first_frame=ff)
+def real_conditioning(dm: VideoDataModule, n: int, split: str = "val", first_frame: bool = False,
+                      clip_seed: int | None = None) -> Conditioning:
+    """Conditions drawn from the first n real clips of `split` (labels/captions as the real set has them).
+
+    clip_seed: clip i is `eval_clip(i, clip_seed)`, the same clip the evaluation protocol conditions
+    image-to-video sample i on (`evaluation.protocol.held_out_conditioning`; benchmarks.run passes
+    eval.clip_seed); None: the split's item i. Image-to-video first frames come from `split`: keep it
+    "val" (held out) for anything that is scored.
+    """
+    from evaluation.protocol import clip_conditioning
+
+    return clip_conditioning(dm.dataset(split), range(n), clip_seed, first_frame=first_frame)
 
 
 def git_state() -> dict:

@@ -34,6 +34,9 @@ SELECTORS = ("method", "dataset", "scale")
 # resumed run may change them. Every other key defines the result.
 HOW_KEYS = ("run_dir", "runs_root", "results", "cache_dir", "tag", "trainer.progress_bar", "trainer.log_every_n_steps",
             "trainer.checkpoint_every_n_steps", "data.num_workers", "data.pin_memory", "eval.cache_real_stats")
+# Keys added after results were stored: left out of the config hash while unset (None), so the hashes of
+# configs written before them (done sweep jobs, finished runs) stay what they were.
+UNSET_IS_ABSENT = ("trainer.time_budget",)
 
 
 class ConfigError(ValueError):
@@ -54,6 +57,9 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 100  # last.ckpt is refreshed this often (resume point)
     deterministic: bool = False
     progress_bar: bool = True
+    # seconds of training for the whole run, every stage together (an equal-budget race: benchmarks.race); the
+    # stages share it in proportion to their preset steps x measured s/step and stop on time (benchmarks.run)
+    time_budget: float | None = None
 
 
 @dataclass
@@ -255,8 +261,18 @@ def without_keys(d: dict, dotted: tuple[str, ...]) -> dict:
 
 def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = HOW_KEYS) -> str:
     """sha256 of the config that determines a result (paths, labels and progress settings left out)."""
-    d = without_keys(cfg if isinstance(cfg, dict) else to_container(cfg), exclude)
+    d = cfg if isinstance(cfg, dict) else to_container(cfg)
+    unset = tuple(k for k in UNSET_IS_ABSENT if _dotted(d, k) is None)
+    d = without_keys(d, exclude + unset)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _dotted(d: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
 
 
 def stage_settings(cfg: DictConfig, stage: str) -> dict:

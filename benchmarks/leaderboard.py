@@ -4,8 +4,8 @@
     python -m benchmarks.leaderboard --format csv > leaderboard.csv   # one row per run, every field
     python -m benchmarks.leaderboard --format png --out board.png     # quality vs sampling cost (+ sweep plot)
     python -m benchmarks.leaderboard --sweep vdm_guidance --format png --metric fvd --out guidance.png
-Options: --results PATH (default results/results.jsonl), --dataset/--method/--tag/--sweep/--scale
-(comma-separated lists), --metric NAME (PNG y axis), --cost seconds|gflops|params (PNG x axis),
+Options: --results PATH (default results/results.jsonl), --dataset/--method/--tag/--sweep/--scale/--task
+(comma-separated lists; --task class,image+class), --metric NAME (PNG y axis), --cost seconds|gflops|params (PNG x axis),
 --strict (exit with an error instead of splitting a metric over protocols), --out PATH,
 --include-degenerate (keep runs whose samples were NaN / constant / static, marked; default: left out).
 One row per run folder: a re-evaluation (`benchmarks.evaluate run=X append=true`) replaces its run's row.
@@ -13,8 +13,10 @@ One row per run folder: a re-evaluation (`benchmarks.evaluate run=X append=true`
 Runs that differ only in their seed are one entry: mean ± sample std over seeds. A metric is
 only put in one column when its protocol (detector and its sha256, n_gen, n_real, frames,
 resolution, covariance convention, ...) is the same; otherwise the column is split, named
-`fvd [A]`, `fvd [B]`, with a note saying what differs. Importing this module does not import
-torch or Lightning: it stays a fast CLI.
+`fvd [A]`, `fvd [B]`, with a note saying what differs. The task (`unconditional`, `class`,
+`image+class`, ...: what is generated from what, `row_task`) is part of the protocol, and
+every task gets its own table. Importing this module does not import torch or Lightning: it
+stays a fast CLI.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ METRICS = ("fvd", "is", "clipsim", "cond_acc", "rfvd")  # known quality metrics,
 LOWER_IS_BETTER = {"fvd", "rfvd"}
 # Fields that define how a number was measured (written by evaluation.protocol): two numbers that differ in
 # one of the fields of their metric do not share a column.
-COMMON_PROTOCOL = ("split", "real_split", "resolution", "frames", "stride", "n_gen", "clip_seed", "eval_protocol")
+COMMON_PROTOCOL = ("split", "real_split", "resolution", "frames", "stride", "n_gen", "clip_seed", "eval_protocol",
+                   "task", "first_frame_split")
+# Rows written before `task` was recorded: the image-to-video methods of that time (their first frames came from
+# the real set's training clips then, so their rows also lack `first_frame_split`: they stay apart from new ones).
+LEGACY_IMAGE_TO_VIDEO = ("dvdm", "edvdm")
 # How a row's `guidance` is to be read (methods.diffusion.GUIDANCE_CONVENTION): rows written before it was
 # recorded used w = s - 1, so their guidance values mean something else. Scores of generated samples only.
 SAMPLING_PROTOCOL = ("guidance_convention",)
@@ -53,6 +59,8 @@ PROTOCOL_FIELDS = tuple(dict.fromkeys(COMMON_PROTOCOL + sum(METRIC_PROTOCOL.valu
 COST_FIELDS = {"seconds": "sample_seconds_per_video", "gflops": "gflops_per_video", "params": "params"}
 # Config keys that never change a result (paths, labels) and the seed (aggregated over).
 NOT_A_SETTING = ("run_dir", "runs_root", "results", "tag", "cache_dir", "seed")
+# Config keys added later, equal to absent while unset (benchmarks.config.UNSET_IS_ABSENT; not imported: it imports torch)
+UNSET_IS_ABSENT = ("trainer.time_budget",)
 ABSENT = "<absent>"  # CSV cell of a field this run does not have (an empty cell is None)
 FRONT = ("method", "dataset", "scale", "tag", "seed", *METRICS, "is_std", "params", "train_seconds",
          "sample_seconds_per_video", "gflops_per_video", "config_sha256")
@@ -141,7 +149,7 @@ def latest_per_run(rows: list[dict]) -> list[dict]:
             if not (r.get("reevaluation_of") or r.get("run_dir")) or last[str(r.get("reevaluation_of") or r.get("run_dir"))] == i]
 
 
-def select(rows: list[dict], *, dataset=None, method=None, tag=None, scale=None,
+def select(rows: list[dict], *, dataset=None, method=None, tag=None, scale=None, task=None,
            include_degenerate: bool = False) -> list[dict]:
     """Successful runs matching every given filter (each a collection of accepted values), one row per run.
 
@@ -153,7 +161,8 @@ def select(rows: list[dict], *, dataset=None, method=None, tag=None, scale=None,
     def keep(r: dict) -> bool:
         return (r.get("status", "ok") != "failed"
                 and all(want is None or str(r.get(k)) in want
-                        for k, want in (("dataset", dataset), ("method", method), ("tag", tag), ("scale", scale))))
+                        for k, want in (("dataset", dataset), ("method", method), ("tag", tag), ("scale", scale)))
+                and (task is None or str(row_task(r)) in task))
     kept = [r for r in latest_per_run(rows) if keep(r)]
     bad = [r for r in kept if r.get("status", "ok") == "degenerate"]
     if bad and not include_degenerate:
@@ -170,13 +179,31 @@ def settings(row: dict) -> dict:
     if not isinstance(cfg, dict):  # a row without its config: identify it by its own fields
         cfg = {k: row.get(k) for k in ("method", "dataset", "scale", "steps", "guidance", "sampler", "ema_decay",
                                        "precision", "resolution", "frames")}
-    return flatten({k: v for k, v in cfg.items() if k not in NOT_A_SETTING})
+    flat = flatten({k: v for k, v in cfg.items() if k not in NOT_A_SETTING})
+    return {k: v for k, v in flat.items() if not (k in UNSET_IS_ABSENT and v is None)}
+
+
+def row_task(row: dict) -> str | None:
+    """The task a row's numbers belong to: its `task` field, else (rows written before it) what its config's
+    `conditioning` values and the method say (`evaluation.grid.task_of`); None when the row cannot say."""
+    if row.get("task"):
+        return str(row["task"])
+    cfg = row.get("config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), dict):
+        return None
+    from evaluation.grid import task_of
+
+    i2v = row.get("image_to_video")
+    return task_of(cfg["method"], bool(i2v) if i2v is not None else row.get("method") in LEGACY_IMAGE_TO_VIDEO)
 
 
 def protocol(row: dict, metric: str | None = None) -> dict:
     """The protocol fields a row records, all of them or those of one metric (plus any nested `protocol` dict)."""
     keys = PROTOCOL_FIELDS if metric is None else COMMON_PROTOCOL + METRIC_PROTOCOL.get(metric, PROTOCOL_FIELDS)
     p = {k: row[k] for k in keys if row.get(k) is not None}
+    task = row_task(row)
+    if task is not None:
+        p["task"] = task
     if isinstance(row.get("protocol"), dict):
         p.update(flatten(row["protocol"], "protocol."))
     return p
@@ -202,6 +229,10 @@ class Entry:
     @property
     def dataset(self) -> str:
         return str(self.rows[0].get("dataset"))
+
+    @property
+    def task(self) -> str | None:
+        return self.protocol.get("task")
 
     def protocol_of(self, metric: str) -> dict:
         return protocol(self.rows[0], metric)
@@ -287,12 +318,12 @@ def _sort_key(e: Entry, metric: str | None):
 
 
 def to_markdown(entries: list[Entry], strict: bool = False) -> str:
-    """One table per dataset: method, swept settings, seeds, metrics (mean ± std), costs; notes below."""
+    """One table per dataset and task: method, swept settings, seeds, metrics (mean ± std), costs; notes below."""
     if not entries:
         return "_no runs match the filters_\n"
     out = []
-    for dataset in sorted({e.dataset for e in entries}):
-        group = [e for e in entries if e.dataset == dataset]
+    for dataset, task in sorted({(e.dataset, e.task or "") for e in entries}):
+        group = [e for e in entries if e.dataset == dataset and (e.task or "") == task]
         cols, notes = [], []
         for m in METRICS:
             mc = metric_columns(group, m)
@@ -307,7 +338,8 @@ def to_markdown(entries: list[Entry], strict: bool = False) -> str:
         swept = sorted({k for e in group for k in e.swept})
         header = ["method", *swept, "seeds", *(name for name, _, _ in cols),
                   "params (M)", "train s", "sample s/video", "GFLOPs/video"]
-        lines = [f"### {dataset}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        title = f"### {dataset}" + (f" (task: {task})" if task else "")
+        lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for e in sorted(group, key=lambda e: _sort_key(e, primary)):
             marked = e.method + (" (degenerate samples)" if any(r.get("status") == "degenerate" for r in e.rows) else "")
             cells = [marked, *(json.dumps(e.swept[k]) if k in e.swept else "" for k in swept), str(len(e.seeds))]
@@ -409,7 +441,7 @@ def plot(entries: list[Entry], metric: str | None = None, cost: str = "seconds")
 def parse_options(argv: list[str], opts: dict, flags: tuple[str, ...], usage: str) -> dict[str, set[str] | None]:
     """Fill `opts` from `--name value` / `--name=value` arguments (`flags` take no value; dashes in names
     read as underscores) and return the run filters (--dataset/--method/--tag/--sweep/--scale, comma lists)."""
-    filters: dict[str, set[str] | None] = {"dataset": None, "method": None, "tag": None, "scale": None}
+    filters: dict[str, set[str] | None] = {"dataset": None, "method": None, "tag": None, "scale": None, "task": None}
     it = iter(argv)
     for a in it:
         if a in flags:

@@ -65,6 +65,8 @@ def validate_config(cfg: DictConfig) -> None:
     need(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", t.accumulate_grad_batches, "must be >= 1")
     need(t.checkpoint_every_n_steps >= 1, "trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, "must be >= 1")
     need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be >= 1")
+    need(t.time_budget is None or t.time_budget > 0, "trainer.time_budget", t.time_budget,
+         "seconds of training for the whole run, > 0 (null: train every stage for its max_steps)")
     need(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two values in [0, 1)")
     need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import resource
 import sys
@@ -29,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from benchmarks.common import build_datamodule, build_method, data_spec, git_state, library_versions, real_conditioning
@@ -130,7 +132,7 @@ def _trainer(cfg: DictConfig, stage: str, steps: int, run_dir: Path, callbacks: 
 def shared_stage_cache(cfg: DictConfig, method, stage: str, settings: dict) -> Path | None:
     """Where a shared stage's weights (e.g. the image prior) are cached, keyed by what determines them."""
     shared = getattr(method, "shared_stages", {})
-    if stage not in shared:
+    if stage not in shared or cfg.trainer.get("time_budget"):  # under a time budget every stage is paid for
         return None
     key = {"stage": stage, "module": method.shared_stage_config(stage), "dataset": to_container(cfg.dataset),
            "train": settings, "precision": cfg.trainer.precision, "seed": cfg.seed}
@@ -167,8 +169,87 @@ def _check_finite(method, where: str) -> None:
                            "nothing is sampled or stored from these weights")
 
 
-def train_stages(cfg: DictConfig, method, dm, folder: RunFolder) -> dict:
-    """Train (or load) every stage in order; returns per-stage records."""
+BUDGET_TOLERANCE = 0.10  # a budgeted run's measured training seconds should be within ±10% of trainer.time_budget
+# a budgeted stage's step cap, x the steps its allowance buys at the dry pass's speed (a sanity bound: time stops it)
+BUDGET_STEP_HEADROOM = 10.0
+
+
+def budget_allowance(budget: float, spent: float, estimates: list[float]) -> float:
+    """Seconds the next stage may train under a time budget: what is left of the budget (`budget - spent`),
+    shared with the stages after it in proportion to `estimates` (the next stage's first: its preset steps x
+    measured seconds per step). Overruns and savings of earlier stages carry over to the later ones, so the
+    last stage ends the run at the budget."""
+    left = max(0.0, budget - spent)
+    total = sum(estimates)
+    return left * (estimates[0] / total if total > 0 else 1.0 / len(estimates))
+
+
+def budget_fields(budget: float | None, train_seconds: float) -> dict:
+    """The results row's record of a time budget: the budget, measured / budget, and whether within ±10%."""
+    if not budget:
+        return {}
+    ratio = train_seconds / budget
+    return {"time_budget": float(budget), "budget_ratio": ratio, "within_budget": abs(ratio - 1) <= BUDGET_TOLERANCE}
+
+
+def _stage_estimates(cfg: DictConfig, method, plan) -> dict[str, tuple[float, float | None]]:
+    """{stage: (predicted seconds at its preset steps, seconds per step or None)} from the dry pass's plan;
+    without a plan (or a measurement) every step is assumed to cost the same."""
+    measured = {s.stage: s for s in getattr(plan, "stages", [])}
+    out = {}
+    for stage in method.stages:
+        sp = measured.get(stage)
+        if sp is not None and sp.step_seconds:
+            out[stage] = (sp.estimate, sp.estimate / max(1, sp.steps))
+        else:
+            out[stage] = (float(stage_settings(cfg, stage)["max_steps"]), None)
+    return out
+
+
+class TimeBudget(Callback):
+    """Stops a stage at `deadline` (a time.perf_counter() value, set just before `fit`): after the batch at which
+    the next batch would end further past the deadline than this one ends before it (batch time smoothed over the
+    last few: data, step, optimiser, EMA, logging). Rank 0 decides and every rank follows, as Lightning's Timer.
+    A module-level class, so ddp_spawn can pickle it."""
+
+    def __init__(self, deadline: float = float("inf")) -> None:
+        self.deadline, self.stopped = deadline, False
+        self._last: float | None = None
+        self._step: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            d = now - self._last
+            self._step = d if self._step is None else 0.7 * self._step + 0.3 * d
+        self._last = now
+        if bool(trainer.strategy.broadcast(now + 0.5 * (self._step or 0.0) >= self.deadline)):
+            trainer.should_stop, self.stopped = True, True
+
+
+def _warm_up_training_imports() -> None:
+    """Pay the process's one-time costs of a first training step before a time budget's clock runs: the modules
+    the first optimiser step, gradient clipping and the TensorBoard logger import lazily (seconds on a loaded
+    CPU, the same for every method: not training)."""
+    import lightning.pytorch.loggers.tensorboard  # noqa: F401
+    import torch.utils.tensorboard  # noqa: F401
+
+    p = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.ones(2)
+    torch.nn.utils.clip_grad_norm_([p], 1.0)
+    opt.step()
+
+
+def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> dict:
+    """Train (or load) every stage in order; returns per-stage records.
+
+    With `trainer.time_budget` (seconds, every stage together) a stage trains until its allowance is spent
+    (`budget_allowance`: the rest of the budget shared by the stages still to train in proportion to their
+    preset steps x the dry pass's seconds per step, `plan` from benchmarks.preflight.dry_pass), capped at
+    BUDGET_STEP_HEADROOM x the steps that allowance buys; its record holds the steps it ran. Shared stages
+    are not taken from the cache then (every method pays for its image prior within its budget).
+    """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.trainer.states import TrainerStatus
@@ -176,6 +257,10 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder) -> dict:
     from lightning_modules.system import EMA, StageSystem
 
     records = {}
+    budget = cfg.trainer.get("time_budget")
+    estimates = _stage_estimates(cfg, method, plan) if budget else {}
+    if budget and not all(folder.stage_done(s) for s in method.stages):
+        _warm_up_training_imports()
     for stage in method.stages:
         settings = stage_settings(cfg, stage)
         shared = getattr(method, "shared_stages", {})
@@ -201,30 +286,49 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder) -> dict:
         L.seed_everything(cfg.seed + 1000 * method.stages.index(stage), workers=True, verbose=False)
         system = StageSystem(method, stage, lr=settings["lr"], betas=tuple(settings["betas"]),
                              weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps)
+        timer, allowance = None, None
+        if budget:
+            todo = [s for s in method.stages[method.stages.index(stage):] if not folder.stage_done(s)]
+            spent = sum(r.get("seconds") or 0.0 for r in records.values())
+            allowance = budget_allowance(float(budget), spent, [estimates[s][0] for s in todo])
+            per_step = estimates[stage][1]
+            cap = max(1, math.ceil(BUDGET_STEP_HEADROOM * allowance / per_step)) if per_step else 10**7
+            settings["max_steps"] = rec["steps"] = cap
+            timer = TimeBudget()
         every = max(1, min(settings["max_steps"], cfg.trainer.checkpoint_every_n_steps))
         callbacks = [ModelCheckpoint(dirpath=str(folder.stage_dir(stage)), save_last=True, save_top_k=0,
                                      every_n_train_steps=every)]
         if settings["ema_decay"] > 0:
             callbacks.append(EMA(settings["ema_decay"], cfg.optim.ema_start_step))
-        trainer = _trainer(cfg, stage, settings["max_steps"], folder.path, callbacks)
+        if timer is not None:
+            callbacks.append(timer)
         loader = dm.loader_for("train", shuffle=True, drop_last=True, batch_size=settings["batch_size"], seed=cfg.seed)
         if cfg.trainer.strategy == "ddp_spawn":
             _drop_generators(loader)
         last = _usable_checkpoint(folder.last_checkpoint(stage))
         before = _checkpoint_seconds(last)
-        print(f"[{stage}] training {rec['params'] / 1e6:.2f}M parameters for {settings['max_steps']} steps"
+        trainer = _trainer(cfg, stage, settings["max_steps"], folder.path, callbacks)
+        print(f"[{stage}] training {rec['params'] / 1e6:.2f}M parameters for "
+              + (f"{allowance:.1f} s of the {float(budget):.0f} s budget (at most {settings['max_steps']} steps)"
+                 if budget else f"{settings['max_steps']} steps")
               + (f" (resuming from {last}, {before:.0f} s trained before)" if last.exists() else ""))
         t0 = time.perf_counter()
+        if timer is not None:
+            timer.deadline = t0 + allowance - before
         trainer.fit(system, train_dataloaders=loader, ckpt_path=str(last) if last.exists() else None)
         seconds = before + time.perf_counter() - t0  # accumulated over every attempt (kept in last.ckpt)
         # under ddp_spawn the loop counters stay in the workers; only weights, state and metrics come back
         steps_done = settings["max_steps"] if cfg.trainer.strategy == "ddp_spawn" else trainer.global_step
-        if trainer.state.status != TrainerStatus.FINISHED or steps_done < settings["max_steps"]:
+        on_time = timer is not None and timer.stopped
+        if trainer.state.status != TrainerStatus.FINISHED or (steps_done < settings["max_steps"] and not on_time):
             raise RuntimeError(f"stage {stage!r} stopped at step {trainer.global_step} of {settings['max_steps']} "
                                f"(interrupted?); re-run with run_dir={folder.path} to resume")
         _check_finite(method, f"stage {stage!r} after training")
         loss = trainer.callback_metrics.get(f"{stage}/loss")
-        records[stage] = {**rec, "seconds": seconds, "step_seconds": seconds / max(1, settings["max_steps"]),
+        if budget:  # the steps it ran, and what it was allowed
+            rec.update(steps=steps_done, step_cap=settings["max_steps"], allowance_seconds=allowance,
+                       stopped_on="time" if on_time else "steps")
+        records[stage] = {**rec, "seconds": seconds, "step_seconds": seconds / max(1, rec["steps"]),
                           "final_loss": float(loss) if loss is not None else None}
         if trainer.is_global_zero:
             folder.save_stage(stage, method.state_dict(), records[stage])
@@ -257,7 +361,8 @@ def sample_videos(cfg: DictConfig, method, dm, n: int, seed: int) -> tuple[torch
     """n videos (n, C, T, H, W) conditioned like the real val set; returns (videos, cond, seconds per video)."""
     from tqdm.auto import tqdm
 
-    cond = real_conditioning(dm, n, "val", first_frame=method.image_to_video)
+    # val clip i (held out): the clip evaluation.protocol gives image-to-video sample i its first frame from
+    cond = real_conditioning(dm, n, "val", first_frame=method.image_to_video, clip_seed=cfg.eval.clip_seed)
     method.eval()
     device = method.device
     g = torch.Generator(device=device).manual_seed(seed)
@@ -407,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lightning_modules.system import DivergenceError
 
     try:
-        stages = train_stages(cfg, method, dm, folder)
+        stages = train_stages(cfg, method, dm, folder, plan)
     except DivergenceError as e:
         stage = next(s for s in method.stages if not folder.stage_done(s))
         last = folder.last_checkpoint(stage)
@@ -460,9 +565,14 @@ def _log_grid(run_dir: Path, grid: Path) -> None:
 
 
 def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wall: float, run_dir: Path) -> dict:
+    from evaluation.grid import task_of
+
     ds = cfg.dataset
+    train_seconds = sum(r.get("seconds", 0.0) for r in stages.values())
     return {
         "method": cfg.method.name, "dataset": ds.name, "scale": cfg.scale, "tag": cfg.tag, "seed": cfg.seed,
+        # what is generated from what: numbers of two tasks are never compared (benchmarks.leaderboard)
+        "task": task_of(to_container(cfg.method), method.image_to_video), "image_to_video": method.image_to_video,
         "resolution": ds.resolution, "frames": ds.frames, "stride": ds.stride,
         "sampler": cfg.method.diffusion.sampler if "diffusion" in cfg.method else None,
         "steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "eta": cfg.sample.eta,
@@ -470,7 +580,7 @@ def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wa
         "method_sampling": to_container(cfg.method.sampling) if "sampling" in cfg.method else None,
         "ema": cfg.optim.ema_decay > 0, "ema_decay": cfg.optim.ema_decay, "precision": cfg.trainer.precision,
         "params": method.num_parameters(), "stage_params": {s: r["params"] for s, r in stages.items()},
-        "train_seconds": sum(r.get("seconds", 0.0) for r in stages.values()),
+        "train_seconds": train_seconds, **budget_fields(cfg.trainer.get("time_budget"), train_seconds),
         "stage_seconds": {s: r.get("seconds") for s, r in stages.items()},
         "stage_steps": {s: r["steps"] for s, r in stages.items()},
         "sample_seconds_per_video": sample_seconds, "wall_seconds": wall,
@@ -488,7 +598,11 @@ def summary_line(row: dict) -> str:
     scores = " ".join(f"{k}={row[k]:.3g}" for k in keys) or "no metrics (eval.metrics is empty)"
     if row.get("status", "ok") != "ok":
         scores = f"{row['status'].upper()} SAMPLES ({'; '.join(row.get('flags', []))}), not a result: {scores}"
-    return (f"{row['method']} on {row['dataset']}: {scores} | train {row['train_seconds']:.0f}s, "
+    budget = ""
+    if row.get("time_budget"):
+        budget = (f" of a {row['time_budget']:.0f}s budget ({row['budget_ratio'] - 1:+.0%}"
+                  + ("" if row.get("within_budget") else f", OUTSIDE ±{BUDGET_TOLERANCE:.0%}") + ")")
+    return (f"{row['method']} on {row['dataset']}: {scores} | train {row['train_seconds']:.0f}s{budget}, "
             f"sampling {row['sample_seconds_per_video'] or 0:.2f}s/video, wall {row['wall_seconds']:.0f}s | {row['run_dir']}")
 
 

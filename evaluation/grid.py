@@ -39,6 +39,14 @@ def conditioning_kinds(method_cfg) -> tuple[str, ...]:
     return tuple(k for k in CONDITIONING_KINDS if k in found)
 
 
+def task_of(method_cfg, image_to_video: bool = False) -> str:
+    """The generation task a method config solves, as results rows record it (`task`): "unconditional",
+    "class", "text", "class+text", or with a given first frame "image", "image+class", "image+text",
+    "image+class+text". Numbers of two tasks are not comparable (benchmarks.leaderboard keeps them apart)."""
+    parts = (("image",) if image_to_video else ()) + conditioning_kinds(method_cfg)
+    return "+".join(parts) or "unconditional"
+
+
 def conditioning_records(n: int, kinds, *, labels=None, texts=None, image_to_video: bool = False,
                          class_names=(), split: str = "val") -> list[dict]:
     """One record per sample i (conditioned like real clip i of `split`): {"index", "clip", "label", "class",

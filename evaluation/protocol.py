@@ -12,7 +12,22 @@ the real set's class / caption distribution. Under DDP, rank r generates the con
 padded; the metrics gather across ranks. Every number comes back with the fields that
 define it (detector and sha256, counts, frames, stride, resolution, covariance, sampler,
 steps, guidance and its convention, seed) in one flat dict, ready for the results row, with
-how the FVD's matrix square root was taken (`fvd_sqrt_method`, `fvd_fallback_eps`).
+how the FVD's matrix square root was taken (`fvd_sqrt_method`, `fvd_fallback_eps`), and the
+`task` the numbers belong to (`evaluation.grid.task_of`: "class", "image+class", ...).
+
+Image-to-video methods (`method.image_to_video`: D-VDM, ED-VDM) are given first frames of
+**held-out** clips: generated video i starts from the first frame of clip i of the `val` split
+(`FIRST_FRAME_SPLIT`, `dataset.eval_clip(i, eval.clip_seed)`) and is conditioned on that clip's
+label and caption, in `evaluate_method` and in `benchmarks.run`'s samples alike
+(`clip_conditioning`). Their FVD reference is the same real set as every other method's,
+`eval.real_split` (train by default): the first frames then come from clips that the model
+never trained on and that are not in the reference set, so a model cannot score by
+reproducing a reference clip from its first frame, and the i2v rows share their real
+statistics with the other rows of the dataset. Taking the val clips themselves as the
+reference would turn FVD into a paired reconstruction score (the held-out clips would score
+0 against themselves: the `ceiling:real-val` reference of `benchmarks.race` would be trivial).
+Rows record `first_frame_split`, and `task` keeps image-to-video numbers out of the columns of
+class-to-video ones.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from torch import Tensor
 from evaluation.config import METRICS, protocol_label
 from evaluation.detectors import Detector, load_detector
 from evaluation.distributed import dist_info, shard
+from evaluation.grid import task_of
 from evaluation.metrics import CLIPSIM, FVD, ConditionalAccuracy, VideoInceptionScore
 from evaluation.real_stats import RealSet, eval_clip_loader, load_or_compute_real_set
 from evaluation.stylegan_v import RealClips
@@ -132,6 +148,28 @@ def real_set(ecfg, datamodule, detector: Detector, cache_dir: str | Path | None,
         datamodule.dataset(ecfg.real_split), datamodule.dataset_cfg, ecfg.real_split, detector, ecfg.num_real,
         ecfg.clip_seed, cache_dir if ecfg.cache_real_stats else None, ecfg.batch_size, num_workers,
         real_clips=RealClips.of(ecfg))
+
+
+FIRST_FRAME_SPLIT = "val"  # where image-to-video methods get their first frames: held-out clips (module docstring)
+
+
+def clip_conditioning(ds, indices, clip_seed: int | None = 0, first_frame: bool = False) -> Conditioning:
+    """Conditioning like real clips `indices` of dataset split `ds` (wrapping around it): their labels, captions
+    and, with `first_frame`, first frames (C, H, W). Clip i is `ds.eval_clip(i, clip_seed)`, the clip the
+    evaluation protocol means by "clip i of the split" (clip_seed=None: `ds[i]`)."""
+    if len(ds) == 0:
+        raise ValueError(f"the {ds.split!r} split is empty: no clips to condition on")
+    items = [ds[i % len(ds)] if clip_seed is None else ds.eval_clip(i % len(ds), clip_seed) for i in indices]
+    label = torch.tensor([it["label"] for it in items]) if all(it.get("label", -1) >= 0 for it in items) else None
+    text = [it["text"] for it in items] if all(it.get("text") is not None for it in items) else None
+    ff = torch.stack([it["video"][:, 0] for it in items]) if first_frame else None
+    return Conditioning(label=label, text=text, first_frame=ff)
+
+
+def held_out_conditioning(datamodule, indices, clip_seed: int | None = 0) -> Conditioning:
+    """An image-to-video method's conditioning of generated videos `indices`: held-out (val) clip i's first
+    frame, label and caption (see the module docstring for why val, and what the FVD reference is)."""
+    return clip_conditioning(datamodule.dataset(FIRST_FRAME_SPLIT), indices, clip_seed, first_frame=True)
 
 
 def _conditioning(real: RealSet | None, indices: list[int]) -> tuple[Tensor | None, list[str] | None]:
@@ -247,16 +285,21 @@ def evaluate_method(method, datamodule, cfg, *, num_samples: int | None = None, 
     method.eval()
     mine, shape, t_sample = list(shard(n, rank, world)), None, 0.0
     real_ds = datamodule.dataset(ecfg.real_split)
-    drawn = drawn_labels(real, real_ds, ecfg, n)
+    image_to_video = bool(getattr(method, "image_to_video", False))
+    drawn = None if image_to_video else drawn_labels(real, real_ds, ecfg, n)
     for start in range(0, len(mine), bs):
         idx = mine[start:start + bs]
-        labels, texts = _conditioning(real, idx)
-        if drawn is not None:
-            labels = torch.tensor([drawn[i] for i in idx])
-        first = None
-        if getattr(method, "image_to_video", False):  # condition on the first frames of the same real clips
-            first = torch.stack([real_ds.eval_clip(i, ecfg.clip_seed)["video"][:, 0] for i in idx])
-        cond = Conditioning(label=labels, text=texts, first_frame=first).to(device)
+        if image_to_video:  # held-out clip i: its first frame, label and caption (never a training/reference clip)
+            cond = held_out_conditioning(datamodule, idx, ecfg.clip_seed)
+            labels = cond.label if real is not None and real.labels is not None else None
+            texts = cond.text if real is not None and real.texts is not None else None
+            cond = Conditioning(label=labels, text=texts, first_frame=cond.first_frame)
+        else:
+            labels, texts = _conditioning(real, idx)
+            if drawn is not None:
+                labels = torch.tensor([drawn[i] for i in idx])
+            cond = Conditioning(label=labels, text=texts)
+        cond = cond.to(device)
         ts = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             videos = method.sample(len(idx), cond, steps=sample.steps, guidance=sample.guidance, generator=g,
@@ -270,6 +313,9 @@ def evaluate_method(method, datamodule, cfg, *, num_samples: int | None = None, 
             method, real_ds, dets["fvd"], ecfg, min(n, real.stats.n))
     method.train(was_training)
     out.update(protocol_fields(cfg, ecfg, dets, real, n, shape, seed, world))
+    out["task"] = task_of(_get(cfg, "method") or {}, image_to_video)
+    if image_to_video:
+        out["first_frame_split"] = FIRST_FRAME_SPLIT
     out["skipped_metrics"] = skipped
     out["eval_sample_seconds_per_video"] = t_sample / max(1, len(mine))
     out["eval_seconds"] = time.perf_counter() - t0

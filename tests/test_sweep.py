@@ -79,6 +79,10 @@ def test_spec_errors_name_the_fix(tmp_path):
 def test_every_sweep_file_resolves_every_job(path, tmp_path):
     jobs = sweep.plan(sweep.load_sweep(path.stem), _extra(tmp_path))
     assert jobs and all(not j.error for j in jobs), [j.error for j in jobs if j.error]
+    # at the sweep's own scale (not the test scale above, which may merge variants), no job is another's config
+    own = sweep.plan(sweep.load_sweep(path.stem), [e for e in _extra(tmp_path) if not e.startswith("scale=")])
+    hashes = [j.config_sha256 for j in own]
+    assert len(set(hashes)) == len(hashes), [j.name for j in own if hashes.count(j.config_sha256) > 1]
 
 
 def test_jobs_with_the_same_config_run_once(tmp_path, fake):
