@@ -20,7 +20,9 @@ def build_datamodule(cfg: DictConfig) -> VideoDataModule:
     # a method that trains on longer items than it is evaluated on says how long (PVDM: previous clip + clip)
     method = METHODS.get(cfg.method.name) if "method" in cfg else None
     frames = getattr(method, "training_frames", None)
-    return VideoDataModule(cfg.dataset, loader, train_frames=frames(cfg.method, cfg.dataset.frames) if frames else None)
+    if frames is None:
+        return VideoDataModule(cfg.dataset, loader)
+    return VideoDataModule(cfg.dataset, loader, train_frames=frames(cfg.method, cfg.dataset.frames))
 
 
 def data_spec(cfg: DictConfig, dm: VideoDataModule) -> DataSpec:
