@@ -133,4 +133,6 @@ class WarmupDecay:
     def __call__(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
         n = float(num_averaged)
         d = min(self.decay, (1 + n) / (10 + n))
+        if not averaged.is_floating_point():  # integer buffers (token ids, counters) are copied, not averaged
+            return current.clone()
         return torch.lerp(averaged, current, 1 - d)  # exact for frozen weights (averaged == current)
