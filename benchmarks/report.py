@@ -41,6 +41,7 @@ from pathlib import Path
 
 from benchmarks.leaderboard import LOWER_IS_BETTER, METRICS, Entry, aggregate, parse_options, select, to_markdown
 from benchmarks.results import read_rows
+from benchmarks.run_folder import RunFolder
 from evaluation.grid import conditioning_kinds
 
 USAGE = __doc__
@@ -185,7 +186,7 @@ def run_samples(row: dict, folder: Path) -> list[Sample]:
     From samples/conditioning.json when the run wrote one; for older runs from the file names
     (`<NNN>-<class>.mp4`) and the method's configured conditioning.
     """
-    sdir = folder / "samples"
+    sdir = RunFolder(folder).samples_dir
     files = sorted(sdir.glob("*.mp4")) if sdir.is_dir() else []
     records: dict[str, dict] = {}
     if (sdir / MANIFEST).exists():
@@ -414,8 +415,8 @@ def _row_order(r: dict):
 
 def _config_yaml(row: dict, folder: Path | None) -> tuple[str, bytes] | None:
     """The run's config.yaml as written, else the resolved config its row carries (YAML)."""
-    if folder is not None and (folder / "config.yaml").is_file():
-        return "config.yaml", (folder / "config.yaml").read_bytes()
+    if folder is not None and RunFolder(folder).config_path.is_file():
+        return "config.yaml", RunFolder(folder).config_path.read_bytes()
     if isinstance(row.get("config"), dict):
         from omegaconf import OmegaConf
 
@@ -451,10 +452,11 @@ def build(results: Path, out: Path, *, filters: dict, figures: list[str] | None 
             if config is not None:
                 (dest / config[0]).write_bytes(config[1])
                 names.append(config[0])
-            for name, src in (("metrics.json", "metrics.json"), ("grid.png", "samples/grid.png"),
-                              (MANIFEST, f"samples/{MANIFEST}")):
-                if folder is not None and (folder / src).is_file():
-                    shutil.copyfile(folder / src, dest / name)
+            run = RunFolder(folder) if folder is not None else None
+            for name, src in (("metrics.json", run and run.metrics_path), ("grid.png", run and run.grid_path),
+                              (MANIFEST, run and run.samples_dir / MANIFEST)):
+                if src is not None and src.is_file():
+                    shutil.copyfile(src, dest / name)
                     names.append(name)
             files[slug] = names
         for slug, videos in video_copies.items():

@@ -560,7 +560,7 @@ def _log_grid(run_dir: Path, grid: Path) -> None:
     from PIL import Image
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(run_dir / "tensorboard" / "samples")) as w:
+    with SummaryWriter(str(RunFolder(run_dir).tensorboard_dir / "samples")) as w:
         w.add_image("samples/grid", np.asarray(Image.open(grid).convert("RGB")), dataformats="HWC")
 
 

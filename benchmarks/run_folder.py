@@ -20,15 +20,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from benchmarks.config import HOW_KEYS
 from benchmarks.leaderboard import flatten
-from benchmarks.results import atomic_torch_save, atomic_write_text
+from benchmarks.results import atomic_torch_save, atomic_write_text  # (torch is imported only to load weights)
 
 # Files a folder may hold before its run starts (a sweep creates the folder and its log first).
-PRE_RUN_FILES = {"sweep.log"}
+PRE_RUN_FILES = {"sweep.log"}  # RunFolder.sweep_log
 
 
 class RunFolderError(ValueError):
@@ -60,8 +58,16 @@ class RunFolder:
         return self.path / "samples"
 
     @property
+    def grid_path(self) -> Path:
+        return self.samples_dir / "grid.png"
+
+    @property
     def tensorboard_dir(self) -> Path:
         return self.path / "tensorboard"
+
+    @property
+    def sweep_log(self) -> Path:
+        return self.path / "sweep.log"
 
     def stage_dir(self, stage: str) -> Path:
         return self.path / "checkpoints" / stage
@@ -98,6 +104,8 @@ class RunFolder:
 
     def load_stage(self, stage: str) -> tuple[dict, dict]:
         """(the method's state dict after `stage`, the stage's record)."""
+        import torch
+
         state = torch.load(self.final(stage), map_location="cpu", weights_only=True)
         return state, json.loads(self.record_path(stage).read_text())
 
@@ -132,8 +140,13 @@ class RunFolder:
         atomic_write_text(self.metrics_path, json.dumps(row, indent=2, default=str))
 
 
-def config_difference(saved: dict, wanted: dict, ignore: tuple[str, ...] = HOW_KEYS) -> list[tuple[str, object, object]]:
-    """[(dotted key, saved value, wanted value)] for every result-defining key that differs."""
+def config_difference(saved: dict, wanted: dict, ignore: tuple[str, ...] | None = None) -> list[tuple[str, object, object]]:
+    """[(dotted key, saved value, wanted value)] for every result-defining key that differs (ignore: default
+    benchmarks.config.HOW_KEYS; imported here so that this module stays light for the report's CLI)."""
+    if ignore is None:
+        from benchmarks.config import HOW_KEYS
+
+        ignore = HOW_KEYS
     a, b = flatten(saved), flatten(wanted)
 
     def ignored(key: str) -> bool:

@@ -250,8 +250,10 @@ def run_sweep(spec: SweepSpec, extra: list[str] | None = None, *, jobs: int = 1,
 
 def _start(job: Job, command: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
     """Launch one job, its output appended to <run_dir>/sweep.log."""
+    from benchmarks.run_folder import RunFolder
+
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
-    log = Path(job.run_dir) / "sweep.log"
+    log = RunFolder(job.run_dir).sweep_log
     with open(log, "ab") as fh:
         fh.write(f"\n=== {datetime.now().isoformat(timespec='seconds')} {' '.join(job.overrides)}\n".encode())
         fh.flush()
