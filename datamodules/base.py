@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import lightning as L
@@ -81,29 +82,50 @@ class VideoDataset(Dataset):
         return self[index % len(self)]
 
 
+def _with_frames(cfg: DatasetConfig, frames: int) -> DatasetConfig:
+    """A copy of a dataset config (dataclass or OmegaConf node) with another clip length."""
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.replace(cfg, frames=frames)
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.create(OmegaConf.to_container(cfg)) if not OmegaConf.is_config(cfg) else cfg.copy()
+    out.frames = frames
+    return out
+
+
 class VideoDataModule(L.LightningDataModule):
     """Wraps any registered dataset; yields `VideoBatch` for training and evaluation."""
 
-    def __init__(self, dataset_cfg: DatasetConfig, loader: LoaderConfig | None = None) -> None:
+    def __init__(self, dataset_cfg: DatasetConfig, loader: LoaderConfig | None = None,
+                 train_frames: int | None = None) -> None:
+        """train_frames: frames per item of the training loader (`loader_for("train")`), when a method trains
+        on longer items than it is evaluated on (PVDM: the previous clip and the clip); None: dataset.frames.
+        Everything else (`dataset(split)`: the real evaluation set, conditioning) keeps dataset.frames."""
         super().__init__()
         from datamodules import DATASETS  # the registry imports the dataset modules
 
         if dataset_cfg.name not in DATASETS:
             raise ValueError(f"unknown dataset {dataset_cfg.name!r}; registered: {sorted(DATASETS)}")
+        if train_frames is not None and train_frames < 1:
+            raise ValueError(f"train_frames must be >= 1, got {train_frames}")
         self.dataset_cfg = dataset_cfg
         self.loader = loader or LoaderConfig()
+        self.train_frames = None if train_frames in (None, dataset_cfg.frames) else train_frames
         self._cls = DATASETS[dataset_cfg.name]
         self._datasets: dict[str, VideoDataset] = {}
 
-    def dataset(self, split: str = "train") -> VideoDataset:
-        if split not in self._datasets:
-            self._datasets[split] = self._cls(self.dataset_cfg, split)
-        return self._datasets[split]
+    def dataset(self, split: str = "train", frames: int | None = None) -> VideoDataset:
+        """The split's dataset of dataset.frames-long items, or of `frames`-long items (same clips, longer)."""
+        key = split if frames in (None, self.dataset_cfg.frames) else f"{split}@{frames}"
+        if key not in self._datasets:
+            cfg = self.dataset_cfg if key == split else _with_frames(self.dataset_cfg, frames)
+            self._datasets[key] = self._cls(cfg, split)
+        return self._datasets[key]
 
     def prepare_data(self) -> None:
         """Once per node before setup: a dataset with a decode cache fills it (progress bar, resumable)."""
         if getattr(self.dataset_cfg, "cache", False):
-            self.dataset("train").build_cache(num_workers=self.loader.num_workers)
+            self.dataset("train", self.train_frames).build_cache(num_workers=self.loader.num_workers)
 
     def setup(self, stage: str | None = None) -> None:
         self.dataset("train")
@@ -113,7 +135,7 @@ class VideoDataModule(L.LightningDataModule):
 
     def loader_for(self, split: str, *, shuffle: bool = False, drop_last: bool = False,
                    batch_size: int | None = None, seed: int = 0) -> DataLoader:
-        ds = self.dataset(split)
+        ds = self.dataset(split, self.train_frames if split == "train" else None)
         bs = batch_size or (self.loader.batch_size if split == "train" else self.loader.eval_batch_size)
         if drop_last and len(ds) < bs:
             raise ValueError(f"dataset {self.dataset_cfg.name!r} split {split!r} has {len(ds)} clips, "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from datamodules.base import DatasetConfig, VideoDataset
+from datamodules.batch import intra_op_threads
 
 MOTIONS = ("left", "right", "up", "down", "grow", "shrink", "orbit", "bounce")
 MOTION_PHRASES = {
@@ -86,15 +87,35 @@ class ShapesDataset(VideoDataset):
         if not 0 <= index < len(self):
             raise IndexError(index)
         a = self.attributes(index)
-        video = render(a, self.cfg.frames, self.cfg.resolution, self.cfg.texture, stride=self.cfg.stride)
+        with intra_op_threads(RENDER_THREADS):
+            video = render(a, self.cfg.frames, self.cfg.resolution, self.cfg.texture, stride=self.cfg.stride)
         return {"video": video, "label": a["label"], "text": self.caption(a),
                 "shape": a["shape"], "color": a["color"], "background": a["background"]}
 
 
+# Intra-op threads while a clip renders. A clip is ~40 small element-wise ops (3 x 16 x 32 x 32 at
+# tiny); with torch's 2 threads the larger ones fork an OpenMP region each, and on a busy 2-core machine a
+# region waits for a descheduled thread: measured 1.6-110 ms per clip (2 threads) vs 0.5 ms (1 thread),
+# pixels bit for bit the same (element-wise ops and max are exact either way). None: leave the count alone.
+# (datamodules.batch.COLLATE_THREADS does the same for stacking the batch.)
+RENDER_THREADS: int | None = 1
+
+
+CLIP_PERIOD = 16  # source frames of the base clip: clip time s = n / 15 runs over [0, 1] for frames n = 0..15
+
+
 def trajectory(a: dict, frames: int, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Centre (x, y) in [0, 1] and radius per frame, each (T,), for the attributes `a`."""
+    """Centre (x, y) and radius per frame, each (T,), for the attributes `a`.
+
+    Source frames n = 0..15 (the default 16-frame clip) are the base motion, with the sprite inside the
+    frame. Long clips (dataset.frames * dataset.stride > 16) continue it, keeping the class's direction:
+    left / right / up / down keep moving and wrap around the frame's edges (x, y taken modulo 1; `render`
+    draws on a torus for those frames); grow / shrink restart every 16 source frames (a sawtooth: each
+    16-frame period repeats the base clip's scale change); orbit keeps circling; bounce keeps bouncing.
+    """
     motion = MOTIONS[a["label"]]
-    s = torch.arange(frames, dtype=torch.float32) * stride / 15.0  # clip time in [0, 1] at the default 16 frames
+    n = torch.arange(frames, dtype=torch.float32) * stride  # source frame index
+    s = n / 15.0  # clip time in [0, 1] at the default 16 frames
     r0, speed = a["size"], a["speed"]
     span = 0.5 * speed  # distance travelled in one clip, as a fraction of the frame
     lo, hi = r0 + 0.02, 1 - r0 - 0.02 - span  # start so the sprite stays inside the frame
@@ -110,17 +131,23 @@ def trajectory(a: dict, frames: int, stride: int = 1) -> tuple[torch.Tensor, tor
     elif motion == "up":
         y = y + span * (1 - s)
     elif motion == "grow":
-        r = r0 * (0.55 + 0.9 * s)
+        r = r0 * (0.55 + 0.9 * _period(n, s))
         x, y = torch.full_like(s, 0.5), torch.full_like(s, 0.5)
     elif motion == "shrink":
-        r = r0 * (1.45 - 0.9 * s)
+        r = r0 * (1.45 - 0.9 * _period(n, s))
         x, y = torch.full_like(s, 0.5), torch.full_like(s, 0.5)
     elif motion == "orbit":
         theta = 2 * math.pi * (a["phase"] + 0.9 * s)
         x, y = 0.5 + 0.22 * torch.cos(theta), 0.5 + 0.22 * torch.sin(theta)
-    elif motion == "bounce":  # falls to the floor and bounces back up, twice
+    elif motion == "bounce":  # falls to the floor and bounces back up, twice per 16 frames
         y = 1 - r0 - 0.02 - (0.6 - r0) * (2 * ((2 * s) % 1) - 1) ** 2
-    return x, y, r
+    beyond = n >= CLIP_PERIOD  # frames past the base clip: positions wrap (a no-op inside the frame)
+    return torch.where(beyond, x % 1.0, x), torch.where(beyond, y % 1.0, y), r
+
+
+def _period(n: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Clip time restarted every 16 source frames: s itself for n < 16 (bit for bit), (n mod 16) / 15 after."""
+    return torch.where(n >= CLIP_PERIOD, (n % CLIP_PERIOD) / 15.0, s)
 
 
 def render(a: dict, frames: int, res: int, texture: float = 0.08, stride: int = 1) -> torch.Tensor:
@@ -130,6 +157,10 @@ def render(a: dict, frames: int, res: int, texture: float = 0.08, stride: int = 
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")  # (H, W)
     dx = gx[None] - x[:, None, None]  # (T, H, W)
     dy = gy[None] - y[:, None, None]
+    beyond = (torch.arange(frames) * stride >= CLIP_PERIOD).view(-1, 1, 1)  # long clips: draw on a torus
+    if beyond.any():  # the nearest copy of the sprite across the wrapped edges; frames 0..15 untouched
+        dx = torch.where(beyond, (dx + 0.5) % 1.0 - 0.5, dx)
+        dy = torch.where(beyond, (dy + 0.5) % 1.0 - 0.5, dy)
     rr = r[:, None, None]
     c, s_ = math.cos(a["angle"] * math.pi / 2), math.sin(a["angle"] * math.pi / 2)  # fixed tilt per video
     u, v = c * dx + s_ * dy, -s_ * dx + c * dy

@@ -7,6 +7,13 @@ Notation (per video; frames x_1 .. x_T, x_1 the I-frame, x_2 .. x_T the P-frames
                from x_{i-1} to x_i, so warp(x_{i-1}, MV_i)(p) = x_{i-1}(p - MV_i(block of p))
     R_i        = x_i - warp(x_{i-1}, MV_i)                                  the residual
     x_i        = warp(x_{i-1}, MV_i) + R_i                                  recursive reconstruction
+Open and closed loop (when the residuals are coded lossily, R_i -> R^_i = code(R_i)):
+    open       R_i = x_i - warp(x_{i-1}, MV_i) against the *original* previous frame (`decompose`);
+               the decoder's x^_i = warp(x^_{i-1}, MV_i) + R^_i then carries every earlier coding error
+               e_j = R^_j - R_j forward (warped): the error of frame i is the sum of i - 1 coding errors
+    closed     R_i = x_i - warp(x^_{i-1}, MV_i) against the *decoded* previous frame, as a real codec's
+               encoder does (`decompose_closed_loop`): x^_i = warp(x^_{i-1}, MV_i) + R^_i = x_i + e_i, so
+               each frame carries only its own coding error (up to clamping)
 MV_i minimises the sum of absolute errors between the block of x_i and its candidate in x_{i-1}
 (minimum absolute error block matching); ties go to the shorter vector, so flat regions stay at
 zero motion. Pixels the window reaches outside the frame read the border pixel (replicate
@@ -23,11 +30,14 @@ clips are tested): the reconstruction then returns the float32 (bf16) video bit 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from einops import rearrange
 from torch import Tensor
 
 EXACT_DTYPE = torch.float64  # residual arithmetic: float32 differences are exact here
+MATCH_REFERENCES = ("original", "decoded")  # closed loop: motion vectors found against x_{i-1} or x^_{i-1}
 
 
 def _check_frame(x: Tensor, block: int) -> None:
@@ -117,6 +127,36 @@ def decompose(video: Tensor, block: int, search: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"video must be (B, C, T, H, W), got shape {tuple(video.shape)}")
     mv = motion_vectors(video, block, search)
     return mv, residuals(video, mv, block)
+
+
+def decompose_closed_loop(video: Tensor, block: int, search: int, code: Callable[[Tensor], Tensor],
+                          clamp: float | None = 1.0, match: str = "original") -> tuple[Tensor, Tensor, Tensor]:
+    """The closed-loop encoder: residuals against the *decoded* previous frame, as a real codec computes them.
+
+    video (B, C, T, H, W); code: the residual coder's round trip, residual frames (B, C, H, W) -> their
+    decoded version (B, C, H, W) (called once per P-frame, in order). x^_1 = x_1 (the I-frame is given);
+    for i = 2..T: R_i = x_i - warp(x^_{i-1}, MV_i), x^_i = clamp(warp(x^_{i-1}, MV_i) + code(R_i)), exactly
+    the recursion `reconstruct` runs (float64, clamped to [-clamp, clamp]), so decoding the coded residuals
+    returns x^. match: where MV_i is found: "original" (x_i against x_{i-1}: the open loop's vectors, all
+    frames at once) or "decoded" (x_i against x^_{i-1}, per frame).
+    Returns (MV (B, 2, T-1, H/b, W/b) long, R (B, C, T-1, H, W) float64, x^ (B, C, T, H, W) float64).
+    """
+    if video.ndim != 5:
+        raise ValueError(f"video must be (B, C, T, H, W), got shape {tuple(video.shape)}")
+    if match not in MATCH_REFERENCES:
+        raise ValueError(f"match must be one of {MATCH_REFERENCES}, got {match!r}")
+    mv_all = motion_vectors(video, block, search) if match == "original" else None
+    frames, mvs, res = [video[:, :, 0].to(EXACT_DTYPE)], [], []
+    for i in range(1, video.shape[2]):
+        x = video[:, :, i]
+        mv = mv_all[:, :, i - 1] if mv_all is not None else match_blocks(x, frames[-1], block, search)
+        pred = warp(frames[-1], mv, block)  # the decoder's prediction of x_i      (B, C, H, W) float64
+        r = x.to(EXACT_DTYPE) - pred
+        rec = pred + code(r).to(EXACT_DTYPE)
+        frames.append(rec.clamp(-clamp, clamp) if clamp is not None else rec)
+        mvs.append(mv)
+        res.append(r)
+    return torch.stack(mvs, dim=2), torch.stack(res, dim=2), torch.stack(frames, dim=2)
 
 
 def reconstruct(first: Tensor, mv: Tensor, residual: Tensor, block: int, clamp: float | None = None,

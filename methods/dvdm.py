@@ -7,11 +7,16 @@ Notation (paper section 3; per video of T frames x_1 .. x_T, shapes per video):
              channel-wise to the noisy target at every frame
     D-VDM    target d_i = x_i - x_1, i = 2..T: (C, T-1, H, W), scaled by `difference_scale` so it is
              about unit-variance; x_i = x_1 + d_i
-    ED-VDM   the codec's invertible transform (methods/codec.py): I-frame x_1, per P-frame
-             motion vectors MV_i (2, H/b, W/b) and residuals R_i = x_i - warp(x_{i-1}, MV_i);
-             a residual autoencoder maps each R_i to a latent l_i (c_z, H/b, W/b); the target is
-             z = [MV / S, l]  (2 + c_z, T-1, H/b, W/b), one low-resolution tensor; decoding runs
-             x_i = warp(x_{i-1}, round(S * MV_i)) + Dec(l_i) recursively from the given x_1
+    ED-VDM   the codec's transform (methods/codec.py): I-frame x_1, per P-frame motion vectors
+             MV_i (2, H/b, W/b) and residuals R_i; a residual autoencoder maps each R_i to a latent
+             l_i (c_z, H/b, W/b); the target is z = [MV / S, l]  (2 + c_z, T-1, H/b, W/b), one
+             low-resolution tensor; decoding runs x^_i = warp(x^_{i-1}, round(S * MV_i)) + Dec(l_i)
+             recursively from the given x^_1 = x_1. `codec.loop` says what R_i is taken against:
+             closed (default): R_i = x_i - warp(x^_{i-1}, MV_i), the previous frame as decoded through
+               the residual autoencoder (a real codec's encoder loop), so each decoded frame carries
+               only its own coding error;
+             open: R_i = x_i - warp(x_{i-1}, MV_i), the original previous frame, so the decoder
+               accumulates the autoencoder's errors over the P-frames.
 Both: eps_theta(z_t, t, [E(x_1)], c) is the factorised (2+1)D UNet of methods/nets/unet.py,
 class/caption through the timestep embedding, classifier-free guidance on c as the VDM baseline
 (the first frame is never dropped: it is the task's input, not a guidance signal).
@@ -26,6 +31,11 @@ secondary notes, unverified, and a config option:
   - block size b, search range S, residual-autoencoder width and latent channels c_z: the
     paper's values are not known to us; defaults b = 4, S = 4 (covers the shapes motions at
     32x32), c_z = 4.
+  - codec.loop = closed, codec.match = original: residuals against the decoded previous frame,
+    motion vectors found between the original frames. In training the decoded previous frame is the
+    codec round trip through the current (stage 1) or frozen (stage 2) residual autoencoder: one
+    no-grad autoencoder pass over the clip, frame by frame. Measured on shapes 32x32x16
+    (python -m benchmarks.probe_methods edvdm-loop): see configs/method/edvdm.yaml.
   - the residual autoencoder is a plain conv AE with tanh-bounded latents and an L1 loss,
     per frame, downsampling by b so its latents share the motion vectors' grid (the paper
     reportedly uses a latent-diffusion autoencoder; no KL term or GAN here).
@@ -72,10 +82,15 @@ class DVDMConfig(FirstFrameDiffusionConfig):
     difference_scale: float = 2.5  # d_i = scale * (x_i - x_1): ~unit variance on shapes (std 0.39) [our choice]
 
 
+CODEC_LOOPS = ("open", "closed")
+
+
 @dataclass
 class CodecConfig:
     block: int = 4  # b: motion vectors live at 1/b resolution (a power of 2) [paper value unverified]
     search: int = 4  # S: integer motion vectors in [-S, S]^2 [paper value unverified]
+    loop: str = "closed"  # residuals against the decoded (closed) or the original (open) previous frame [unverified]
+    match: str = "original"  # closed loop: motion vectors found against the original or the decoded previous frame
 
 
 @dataclass
@@ -261,6 +276,10 @@ class EDVDM(FirstFrameDiffusion):
             raise ValueError(f"frame size {data.height}x{data.width} must be divisible by method.codec.block={b}")
         if S < 1:
             raise ValueError(f"method.codec.search must be >= 1, got {S}")
+        if cfg.codec.loop not in CODEC_LOOPS:
+            raise ValueError(f"method.codec.loop must be one of {CODEC_LOOPS}, got {cfg.codec.loop!r}")
+        if cfg.codec.match not in codec.MATCH_REFERENCES:
+            raise ValueError(f"method.codec.match must be one of {codec.MATCH_REFERENCES}, got {cfg.codec.match!r}")
         C, T, H, W = data.video_shape
         super().__init__(cfg, data, (MV_CHANNELS + cfg.residual_autoencoder.latent_channels, T - 1, H // b, W // b),
                          factor=b)
@@ -275,10 +294,45 @@ class EDVDM(FirstFrameDiffusion):
     # --- the codec representation -----------------------------------------------------------------
 
     def decompose(self, video: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, C, T, H, W) -> (MV (B, 2, T-1, H/b, W/b) long, R (B, C, T-1, H, W) in video's dtype)."""
+        """(B, C, T, H, W) -> (MV (B, 2, T-1, H/b, W/b) long, R (B, C, T-1, H, W) in video's dtype).
+
+        The residuals of the configured loop: open, against the original previous frame (lossless
+        transform); closed, against the previous frame as decoded through the current residual
+        autoencoder (`encode_video`). No gradients either way.
+        """
+        if self.cfg.codec.loop == "closed":
+            mv, r, _ = self.encode_video(video)
+            return mv, r
         with torch.no_grad():
             mv, r = codec.decompose(video, self.cfg.codec.block, self.cfg.codec.search)
         return mv, r.to(video.dtype)
+
+    @torch.no_grad()
+    def encode_video(self, video: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The codec's encoder in the configured loop: (MV, R (B, C, T-1, H, W), latents (B, c_z, T-1, H/b, W/b)).
+
+        closed: R_i = x_i - warp(x^_{i-1}, MV_i) with x^_{i-1} the previous frame as the decoder will
+        rebuild it from the latents (`codec.decompose_closed_loop` with the autoencoder's round trip, one
+        frame of the batch at a time: one extra forward pass of the autoencoder over the clip's residuals,
+        no gradients). In the residual-autoencoder stage that is the *current* autoencoder, so the stage
+        trains on the residuals its own coding errors leave (its target moves with it, as the decoded
+        frames do); in the denoiser stage the frozen one, so `decode` of the target rebuilds x^ exactly
+        (up to floating-point differences of batched vs per-frame convolutions).
+        open: R_i = x_i - warp(x_{i-1}, MV_i) against the original frames.
+        """
+        cfg = self.cfg.codec
+        if cfg.loop == "open":
+            mv, r = codec.decompose(video, cfg.block, cfg.search)
+            r = r.to(video.dtype)
+            return mv, r, self.encode_residuals(r)
+        latents: list[Tensor] = []
+
+        def code(r: Tensor) -> Tensor:  # the residual coder's round trip, recording the latents
+            latents.append(self.autoencoder.encode(r.to(video.dtype)))
+            return self.autoencoder.decode(latents[-1]).float()
+
+        mv, r, _ = codec.decompose_closed_loop(video, cfg.block, cfg.search, code, clamp=1.0, match=cfg.match)
+        return mv, r.to(video.dtype), torch.stack(latents, dim=2)
 
     def encode_residuals(self, r: Tensor) -> Tensor:
         """R (B, C, T', H, W) -> latents (B, c_z, T', H/b, W/b), frame by frame."""
@@ -311,13 +365,13 @@ class EDVDM(FirstFrameDiffusion):
     def loss(self, stage: str, batch: VideoBatch) -> dict[str, Tensor]:
         self.check_stage(stage)
         video = batch.video  # (B, C, T, H, W)
-        mv, r = self.decompose(video)
         if stage == "residual_autoencoder":
+            _, r = self.decompose(video)  # closed loop: against the frames the current autoencoder decodes
             frames = rearrange(r, "b c t h w -> (b t) c h w")
             l1 = (self.autoencoder(frames).float() - frames.float()).abs().mean()
             return {"loss": l1, "l1": l1.detach()}
-        with torch.no_grad():  # the residual autoencoder is frozen in this stage
-            z0 = self.pack(mv, self.encode_residuals(r))
+        mv, _, latent = self.encode_video(video)  # the residual autoencoder is frozen in this stage
+        z0 = self.pack(mv, latent)
         return {"loss": self.diffusion_loss(z0, batch.first_frame, Conditioning.from_batch(batch))}
 
     @torch.no_grad()
@@ -329,6 +383,7 @@ class EDVDM(FirstFrameDiffusion):
 
     @torch.no_grad()
     def reconstruct(self, video: Tensor) -> Tensor:
-        """The full codec path: decompose, residuals through the autoencoder, pack/unpack, recursive decoding."""
-        mv, r = self.decompose(video)
-        return self.decode(video[:, :, 0], self.pack(mv, self.encode_residuals(r)))
+        """The full codec path: the configured loop's encoder (motion vectors, residual latents), pack/unpack,
+        recursive decoding from the real first frame."""
+        mv, _, latent = self.encode_video(video)
+        return self.decode(video[:, :, 0], self.pack(mv, latent))

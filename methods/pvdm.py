@@ -15,9 +15,13 @@ ships with the framework) -> diffusion (eps-prediction, MSE, over z with one 2D 
 three planes and a cross-plane attention after every block, methods/nets/triplane.py).
 Long videos: the denoiser sees [z_t, z_prev] with z_prev the previous clip's latent or zeros; in
 training a clip is conditioned on the clip before it with probability `cond_prob` (0.3 in the code).
-A dataset item of data.frames frames holds data.frames / clip_frames clips (by default two: the first
-half is the "previous" clip of the second); `sample` chains that many clips, so it returns data.frames
-frames like every other method; `sample_long` chains any number.
+Clip length: by default a clip is the evaluated length (clip_frames = data.frames), as the paper's
+FVD16 is one 16-frame clip; `sample` then generates one unconditioned clip and `sample_long` chains
+any number (the paper's FVD128). Clip-conditional training needs a previous clip, so PVDM trains on
+items of 2 x clip_frames (the paper's 32-frame items for 16-frame clips): `training_frames` tells
+`benchmarks.common.build_datamodule`, whose training loader then yields items that long (the real
+evaluation set keeps data.frames). clip_frames below data.frames chains data.frames / clip_frames
+clips in `sample` (the earlier default, data.frames / 2: a clip boundary inside every evaluated video).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from methods.nets.triplane import PLANES, AxisSummary, Triplane, TriplaneUNet
 from methods.nets.unet import UNetConfig
 from methods.vdm import DiffusionConfig
 
+CLIP_WINDOWS = ("first", "random")
+
 
 @dataclass
 class AutoencoderConfig:
@@ -53,8 +59,9 @@ class AutoencoderConfig:
 @dataclass
 class PVDMConfig:
     name: str = "pvdm"
-    clip_frames: int = 0  # frames per clip the autoencoder and denoiser see; 0: data.frames // 2
+    clip_frames: int = 0  # frames per clip the autoencoder and denoiser see; 0: data.frames (the evaluated length)
     cond_prob: float = 0.3  # training clips conditioned on the previous clip's latent (0.2 for SkyTimelapse)
+    clip_window: str = "first"  # unconditioned training clips: the item's first clip | a random window (official)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)  # the 2D UNet shared by the three planes
     cross_attention: bool = True  # attention over the joined planes after every block; False: planes independent
@@ -142,17 +149,15 @@ class PVDM(VideoGenerator):
     def __init__(self, cfg: PVDMConfig, data: DataSpec) -> None:
         super().__init__(data)
         self.cfg = cfg
-        T = cfg.clip_frames or data.frames // 2
+        T = cfg.clip_frames or data.frames
         p = cfg.autoencoder.patch
         if T < 1 or data.frames % T:
             raise ValueError(f"method.clip_frames={cfg.clip_frames} (clip of {T} frames) must divide the "
                              f"dataset's {data.frames} frames")
         if not 0 <= cfg.cond_prob <= 1:
             raise ValueError(f"method.cond_prob must be in [0, 1], got {cfg.cond_prob}")
-        if cfg.cond_prob > 0 and data.frames < 2 * T:
-            raise ValueError(f"clip-conditional training (method.cond_prob={cfg.cond_prob}) needs two clips per "
-                             f"dataset item: method.clip_frames={T} is more than half of {data.frames} frames; "
-                             "lower it or set method.cond_prob=0")
+        if cfg.clip_window not in CLIP_WINDOWS:
+            raise ValueError(f"method.clip_window must be one of {CLIP_WINDOWS}, got {cfg.clip_window!r}")
         if data.height % p or data.width % p:
             raise ValueError(f"frame size {data.height}x{data.width} is not divisible by method.autoencoder.patch={p}")
         self.layout = Triplane(T, data.height // p, data.width // p)
@@ -162,6 +167,15 @@ class PVDM(VideoGenerator):
         self.denoiser = CondDenoiser(backbone, backbone.emb_dim, cfg.conditioning, data.num_classes, cfg.text)
         self.register_buffer("alpha_bar", D.alpha_bar_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps),
                              persistent=False)
+
+    @staticmethod
+    def training_frames(cfg: PVDMConfig, frames: int) -> int:
+        """Frames per training item for clips of `cfg.clip_frames` (0: `frames`, the evaluated length): a whole
+        number of clips, at least two when clip-conditional training is on (the previous clip and the clip)."""
+        T = cfg.clip_frames or frames
+        if T < 1 or frames % T:
+            return frames  # the constructor names the problem
+        return max(frames, 2 * T) if cfg.cond_prob > 0 else frames
 
     @property
     def clip_frames(self) -> int:
@@ -186,14 +200,24 @@ class PVDM(VideoGenerator):
     def training_clips(self, video: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(current (B, C, T, H, W), previous (B, C, T, H, W), conditioned (B,) bool) from items (B, C, F, H, W).
 
-        A conditioned row's current clip starts at s >= T and its previous clip is frames [s - T, s)
-        (with F = 2T: the second half and the first half); any other row's clip is a random window
-        [s, s + T) of the item, s uniform in [0, F - T] (the official code's random prefix).
+        A conditioned row's current clip starts at s uniform in [T, F - T] and its previous clip is frames
+        [s - T, s) (with F = 2T: the second half and the first half). Any other row's clip is, by `clip_window`,
+        the item's first clip [0, T) ("first": distributed as the evaluated clips, which are items'
+        starts; on real data an item starts at a random offset, so this is a random window too) or a
+        random window [s, s + T), s uniform in [0, F - T] ("random": the official code's random prefix).
         """
         B, F, T = video.shape[0], video.shape[2], self.clip_frames
+        if F < T or (self.cfg.cond_prob > 0 and F < 2 * T):
+            raise ValueError(f"PVDM trains on items of {self.training_frames(self.cfg, self.data.frames)} frames "
+                             f"(clips of {T}, {'the previous clip and the clip' if self.cfg.cond_prob else 'one clip'})"
+                             f", got {F}: build the data module with benchmarks.common.build_datamodule, whose "
+                             "training loader yields items that long, or set method.cond_prob=0")
         conditioned = torch.rand(B, device=video.device) < self.cfg.cond_prob
         lo = conditioned.long() * T
-        start = lo + (torch.rand(B, device=video.device) * (F - T - lo + 1)).long()  # uniform in [lo, F - T]
+        hi = torch.full_like(lo, F - T)
+        if self.cfg.clip_window == "first":
+            hi = torch.where(conditioned, hi, 0)  # unconditioned rows: the item's first clip
+        start = lo + (torch.rand(B, device=video.device) * (hi - lo + 1)).long()
         starts = start.tolist()
         current = torch.stack([v[:, s: s + T] for v, s in zip(video, starts)])
         previous = torch.stack([v[:, max(s - T, 0): max(s - T, 0) + T] for v, s in zip(video, starts)])
@@ -269,7 +293,8 @@ class PVDM(VideoGenerator):
     @torch.no_grad()
     def sample(self, n: int, cond: Conditioning, *, steps: int, guidance: float,
                generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
-        """n videos (n, C, data.frames, H, W): data.frames / clip_frames clips chained by `sample_long`."""
+        """n videos (n, C, data.frames, H, W): data.frames / clip_frames clips chained by `sample_long` (one
+        unconditioned clip at the default clip length)."""
         return self.sample_long(n, cond, self.data.frames // self.clip_frames, steps=steps, guidance=guidance,
                                 generator=generator, eta=eta)
 

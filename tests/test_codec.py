@@ -108,3 +108,52 @@ def test_sizes_that_do_not_fit_the_blocks_are_rejected():
         codec.decompose(torch.zeros(1, 3, 2, 10, 10), block=4, search=1)
     with pytest.raises(ValueError, match="do not fit"):
         codec.warp(torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 4, 4, dtype=torch.long), block=4)
+
+
+@pytest.mark.parametrize("match", ["original", "decoded"])
+def test_closed_loop_with_a_lossless_coder_is_the_open_loop_bit_for_bit(match):
+    video = _shapes(3, 6, 16)
+    mv, r = codec.decompose(video, 4, 2)
+    mv_c, r_c, rec = codec.decompose_closed_loop(video, 4, 2, lambda x: x, clamp=None, match=match)
+    assert torch.equal(mv_c, mv) and torch.equal(r_c, r)  # x^ = x exactly, so the same vectors and residuals
+    assert torch.equal(rec.float(), video) and torch.equal(codec.reconstruct(video[:, :, 0], mv_c, r_c, 4), video)
+
+
+def test_closed_loop_frames_carry_only_their_own_coding_error():
+    """x^_i - x_i = code(R_i) - R_i exactly (no clamping), whatever the earlier errors; the open loop sums them."""
+    video = 0.5 * _shapes(4, 8, 16)
+    g = torch.Generator().manual_seed(0)
+    errs = []
+
+    def code(r):
+        e = 0.03 * torch.randn(r.shape, generator=g, dtype=r.dtype)
+        errs.append(e)
+        return r + e
+
+    mv, r, rec = codec.decompose_closed_loop(video, 4, 2, code, clamp=None)
+    torch.testing.assert_close(rec[:, :, 1:] - video[:, :, 1:].double(), torch.stack(errs, dim=2))
+    # the decoder rebuilds exactly those frames from the coded residuals
+    torch.testing.assert_close(codec.reconstruct(video[:, :, 0], mv, r + torch.stack(errs, dim=2), 4,
+                                                 dtype=torch.float64), rec)
+    # the open loop with the same errors: frame i carries all earlier ones (mean error grows)
+    mv_o, r_o = codec.decompose(video, 4, 2)
+    open_rec = codec.reconstruct(video[:, :, 0], mv_o, r_o + torch.stack(errs, dim=2), 4, dtype=torch.float64)
+    open_err = (open_rec - video.double()).abs().mean(dim=(0, 1, 3, 4))
+    closed_err = (rec - video.double()).abs().mean(dim=(0, 1, 3, 4))
+    assert open_err[-1] > 2 * closed_err[-1] and closed_err[1:].std() < 0.1 * closed_err[1:].mean()
+
+
+def test_closed_loop_matching_against_the_decoded_frame_uses_it():
+    video = _shapes(2, 4, 16)
+
+    def code(r):  # a coder that ruins the decoded frames: they are no longer the original ones
+        return -r
+
+    mv_o, _, _ = codec.decompose_closed_loop(video, 4, 2, code, match="original")
+    mv_d, _, rec = codec.decompose_closed_loop(video, 4, 2, code, match="decoded")
+    assert torch.equal(mv_o, codec.motion_vectors(video, 4, 2))
+    assert torch.equal(mv_d[:, :, 0], mv_o[:, :, 0])  # the first P-frame's reference is the exact I-frame
+    expect = codec.match_blocks(video[:, :, 2], rec[:, :, 1], 4, 2)
+    assert torch.equal(mv_d[:, :, 1], expect)
+    with pytest.raises(ValueError, match="match"):
+        codec.decompose_closed_loop(video, 4, 2, code, match="future")

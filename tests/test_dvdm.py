@@ -119,20 +119,86 @@ def test_edvdm_target_packs_normalised_motion_vectors_and_residual_latents():
     assert mv_far.max() == S  # out-of-range values clamp to the search window
 
 
-def test_edvdm_reconstruct_is_lossless_through_the_codec_path_with_a_lossless_residual_coder():
-    """With residuals passed through unchanged (space-to-depth as the 'autoencoder'), the full path
-    decompose -> pack -> unpack -> recursive decoding returns the clip."""
-    b = 4
-    method, batch = _build("edvdm", f"method.codec.block={b}", f"method.residual_autoencoder.latent_channels={3 * b * b}")
+def _space_to_depth_coder(method, b: int, bias: float = 0.0) -> None:
+    """Residuals through unchanged (space-to-depth as the 'autoencoder'), decoded with `bias` added: a coder
+    whose error on every residual pixel is exactly `bias` (lossless at 0)."""
     method.autoencoder.encode = lambda r: rearrange(r, "n c (h p) (w q) -> n (c p q) h w", p=b, q=b)
-    method.autoencoder.decode = lambda lat: rearrange(lat, "n (c p q) h w -> n c (h p) (w q)", p=b, q=b)
+    method.autoencoder.decode = lambda lat: rearrange(lat, "n (c p q) h w -> n c (h p) (w q)", p=b, q=b) + bias
+
+
+@pytest.mark.parametrize("loop", ["open", "closed"])
+def test_edvdm_reconstruct_is_lossless_through_the_codec_path_with_a_lossless_residual_coder(loop):
+    """With residuals passed through unchanged, the full path decompose -> pack -> unpack -> recursive
+    decoding returns the clip, in either loop."""
+    b = 4
+    method, batch = _build("edvdm", f"method.codec.block={b}", f"method.residual_autoencoder.latent_channels={3 * b * b}",
+                           f"method.codec.loop={loop}")
+    _space_to_depth_coder(method, b)
     out = method.reconstruct(batch.video)
     assert out.shape == batch.video.shape and torch.allclose(out, batch.video, atol=1e-6)
 
 
-def test_edvdm_reconstruct_uses_the_residual_autoencoder():
-    method, batch = _build("edvdm")
+def test_closed_loop_residuals_are_taken_against_the_decoded_previous_frame():
+    """A coder that adds 0.005 to every residual pixel: in the closed loop each decoded frame is off by its own
+    0.005 and the next residual corrects it (R_i closed = R_i open - 0.005); in the open loop the decoder
+    carries every earlier error forward (frame i off by 0.005 i). Residuals against the original frame fail it."""
+    b, bias = 4, 0.005
+    video = None
+    errors, residuals = {}, {}
+    for loop in ("open", "closed"):
+        method, batch = _build("edvdm", f"method.codec.block={b}",
+                               f"method.residual_autoencoder.latent_channels={3 * b * b}", f"method.codec.loop={loop}")
+        _space_to_depth_coder(method, b, bias)
+        video = 0.9 * batch.video  # pixels within +-0.9: no clamping within (T - 1) * bias
+        assert video.max() < 1 - (video.shape[2] - 1) * bias
+        recon = method.reconstruct(video)
+        errors[loop] = (recon - video).mean(dim=(0, 1, 3, 4))  # signed mean error per frame (T,)
+        residuals[loop] = method.decompose(video)[1]
+        if loop == "closed":
+            torch.testing.assert_close(recon[:, :, 1:] - video[:, :, 1:], torch.full_like(video[:, :, 1:], bias),
+                                       rtol=0, atol=1e-5)  # every pixel of every P-frame: its own error only
+            mv, r, latent = method.encode_video(video)  # the denoiser's target decodes to the same frames
+            torch.testing.assert_close(method.decode(video[:, :, 0], method.pack(mv, latent)), recon)
+    T = video.shape[2]
+    torch.testing.assert_close(errors["open"], bias * torch.arange(T, dtype=torch.float32), rtol=0, atol=1e-5)
+    torch.testing.assert_close(errors["closed"][1:], torch.full((T - 1,), bias), rtol=0, atol=1e-5)
+    torch.testing.assert_close(residuals["closed"][:, :, 0], residuals["open"][:, :, 0])  # x^_1 = x_1: the same
+    torch.testing.assert_close(residuals["closed"][:, :, 1:], residuals["open"][:, :, 1:] - bias, rtol=0, atol=1e-5)
+
+
+def test_closed_loop_stages_train_on_closed_loop_residuals():
+    """Stage 1 trains the autoencoder on the residuals its own round trip leaves; stage 2's target encodes them."""
+    method, batch = _build("edvdm", "method.codec.loop=closed")
+    _perturb(method)
+    seen = []
+    handle = method.autoencoder.enc.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    out = method.loss("residual_autoencoder", batch)
+    handle.remove()
+    _, r_closed, _ = method.encode_video(batch.video)
+    frames = rearrange(r_closed, "b c t h w -> (b t) c h w")
+    torch.testing.assert_close(seen[-1], frames)  # the trained forward pass saw the closed-loop residuals
+    _, r_open = codec.decompose(batch.video, method.cfg.codec.block, method.cfg.codec.search)
+    assert (r_closed - r_open.float()).abs().max() > 1e-3  # and they are not the open-loop ones (a lossy AE)
+    assert _touched(_grads(out["loss"], method.stage_parameters("residual_autoencoder")))
+    den = method.loss("denoiser", batch)["loss"]
+    assert torch.isfinite(den) and not _touched(_grads(den, method.stage_parameters("residual_autoencoder")))
+
+
+def test_edvdm_default_loop_is_closed():
+    from methods.dvdm import EDVDMConfig
+
+    assert EDVDMConfig().codec.loop == "closed" and load_config(["method=edvdm"]).method.codec.loop == "closed"
+
+
+@pytest.mark.parametrize("loop", ["open", "closed"])
+def test_edvdm_reconstruct_uses_the_residual_autoencoder(loop):
+    method, batch = _build("edvdm", f"method.codec.loop={loop}")
     video = batch.video
+    if loop == "closed":
+        code = lambda r: method.autoencoder(r.float())  # noqa: E731
+        _, _, expected = codec.decompose_closed_loop(video, method.cfg.codec.block, method.cfg.codec.search, code)
+        assert torch.allclose(method.reconstruct(video), expected.float(), atol=1e-5)
+        return
     mv, r = codec.decompose(video, method.cfg.codec.block, method.cfg.codec.search)
     frames = rearrange(r.float(), "b c t h w -> (b t) c h w")
     with torch.no_grad():
@@ -156,6 +222,8 @@ def test_edvdm_stages_train_separate_parameters():
 @pytest.mark.parametrize("override,match", [
     ("method.codec.block=3", "power of 2"),
     ("method.codec.search=0", "search"),
+    ("method.codec.loop=half", "method.codec.loop"),
+    ("method.codec.match=next", "method.codec.match"),
     ("method.first_frame_encoder=vae", "first_frame_encoder"),
 ])
 def test_edvdm_rejects_bad_codec_and_encoder_options(override, match):

@@ -49,9 +49,9 @@ def test_registered_with_two_stages():
 
 def test_planes_have_the_documented_shapes():
     torch.manual_seed(0)
-    pvdm = PVDM(tiny_config(unet=UNetConfig(channels=[8], heads=2)), ODD)
+    pvdm = PVDM(tiny_config(clip_frames=3, unet=UNetConfig(channels=[8], heads=2)), ODD)
     T, h, w = 3, 4, 2
-    assert pvdm.layout == Triplane(T, h, w) and pvdm.clip_frames == ODD.frames // 2
+    assert pvdm.layout == Triplane(T, h, w) and pvdm.clip_frames == 3
     x = torch.rand(2, 3, T, 16, 8) * 2 - 1
     u = pvdm.autoencoder.features(x)
     assert u.shape == (2, 16, T, h, w)
@@ -68,7 +68,7 @@ def test_planes_have_the_documented_shapes():
 def test_each_plane_summarises_exactly_its_axis():
     """A change of u at one (t, h, w) reaches z_s only at (h, w), z_h only at (t, w), z_w only at (t, h)."""
     torch.manual_seed(0)
-    ae = PVDM(tiny_config(unet=UNetConfig(channels=[8], heads=2)), ODD).autoencoder
+    ae = PVDM(tiny_config(clip_frames=3, unet=UNetConfig(channels=[8], heads=2)), ODD).autoencoder
     u = torch.randn(1, 16, 3, 4, 2)
     t0, h0, w0 = 1, 2, 1
     v = u.clone()
@@ -87,7 +87,7 @@ def test_a_plane_perturbation_changes_the_video_along_its_axis_only(plane):
     z_s[h, w] the patch (h, w) in every frame; z_h[t, w] column band w of frame t; z_w[t, h] row band h of frame t.
     A plane broadcast over the wrong axis fails this."""
     torch.manual_seed(0)
-    cfg = tiny_config(unet=UNetConfig(channels=[8], heads=2))
+    cfg = tiny_config(clip_frames=3, unet=UNetConfig(channels=[8], heads=2))
     cfg.autoencoder.decoder_depth = 0
     ae = PVDM(cfg, ODD).autoencoder
     randomise(ae)
@@ -146,12 +146,15 @@ def test_plane_sides_must_suit_the_unet_depth():
 
 
 def test_training_clips_follow_the_previous_clip_rule():
-    pvdm = PVDM(tiny_config(cond_prob=1.0), DATA)
+    pvdm = PVDM(tiny_config(clip_frames=4, cond_prob=1.0), DATA)
     video = torch.randn(3, 3, 8, 16, 16)
     current, previous, conditioned = pvdm.training_clips(video)
     assert conditioned.all()
     assert torch.equal(current, video[:, :, 4:]) and torch.equal(previous, video[:, :, :4])
     pvdm.cfg.cond_prob = 0.0
+    current, _, conditioned = pvdm.training_clips(video)  # clip_window=first: the item's first clip
+    assert not conditioned.any() and torch.equal(current, video[:, :, :4])
+    pvdm.cfg.clip_window = "random"  # the official random prefix
     torch.manual_seed(1)
     starts = set()
     for _ in range(20):
@@ -167,7 +170,7 @@ def test_training_clips_follow_the_previous_clip_rule():
 @pytest.mark.parametrize("cond_prob", [0.0, 1.0])
 def test_the_denoiser_sees_the_previous_clips_latent_or_zeros(cond_prob):
     torch.manual_seed(0)
-    pvdm = PVDM(tiny_config(cond_prob=cond_prob), DATA)
+    pvdm = PVDM(tiny_config(clip_frames=4, cond_prob=cond_prob), DATA)
     batch = shapes_batch()
     seen = []
     pvdm.denoiser.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
@@ -188,7 +191,7 @@ def test_stage_parameters_split_autoencoder_and_denoiser():
 
 def test_sample_long_chains_clips_on_the_previous_latent():
     torch.manual_seed(0)
-    pvdm = PVDM(tiny_config(), DATA)
+    pvdm = PVDM(tiny_config(clip_frames=4), DATA)
     randomise(pvdm)
     pvdm.eval()
     cond = Conditioning(label=torch.tensor([0, 2]))
@@ -215,7 +218,7 @@ def test_sample_long_chains_clips_on_the_previous_latent():
 
 def test_reconstruct_works_clip_by_clip():
     torch.manual_seed(0)
-    pvdm = PVDM(tiny_config(), DATA)
+    pvdm = PVDM(tiny_config(clip_frames=4), DATA)
     video = shapes_batch().video
     out = pvdm.reconstruct(video)
     assert out.shape == video.shape
@@ -226,6 +229,36 @@ def test_invalid_clip_settings_name_the_key():
     with pytest.raises(ValueError, match="method.clip_frames"):
         PVDM(tiny_config(clip_frames=3), DATA)
     with pytest.raises(ValueError, match="method.cond_prob"):
-        PVDM(tiny_config(clip_frames=8), DATA)
+        PVDM(tiny_config(cond_prob=1.5), DATA)
+    with pytest.raises(ValueError, match="method.clip_window"):
+        PVDM(tiny_config(clip_window="middle"), DATA)
     one_clip = PVDM(tiny_config(clip_frames=8, cond_prob=0.0), DATA)  # single-clip PVDM (no long-video training)
-    assert one_clip.clip_frames == 8
+    assert one_clip.clip_frames == 8 and PVDM.training_frames(one_clip.cfg, DATA.frames) == 8
+
+
+def test_default_clip_is_the_evaluated_length_and_training_items_hold_two_clips():
+    """The default clip length is dataset.frames (sample() is one unconditioned clip: no clip boundary inside an
+    evaluated video); the training loader yields previous clip + clip; the real set keeps dataset.frames."""
+    from benchmarks.common import build_datamodule, build_method, data_spec
+    from benchmarks.config import load_config
+
+    for scale in ("test", "tiny", "paper"):
+        cfg = load_config(["method=pvdm", f"scale={scale}"])
+        assert cfg.method.clip_frames == 0 and cfg.method.cond_prob > 0
+        assert PVDM.training_frames(cfg.method, cfg.dataset.frames) == 2 * cfg.dataset.frames
+    cfg = load_config(["method=pvdm", "scale=test"])
+    dm = build_datamodule(cfg)
+    torch.manual_seed(0)
+    pvdm = build_method(cfg, data_spec(cfg, dm))
+    F = cfg.dataset.frames
+    assert pvdm.clip_frames == F and pvdm.layout.frames == F
+    batch = next(iter(dm.loader_for("train", batch_size=2)))
+    assert batch.video.shape[2] == 2 * F and dm.dataset("train")[0]["video"].shape[1] == F
+    torch.testing.assert_close(batch.video[:, :, :F], torch.stack([dm.dataset("train")[i]["video"] for i in range(2)]))
+    assert torch.isfinite(pvdm.loss("diffusion", batch)["loss"]) and torch.isfinite(pvdm.loss("autoencoder", batch)["loss"])
+    pvdm.eval()
+    out = pvdm.sample(2, Conditioning(label=batch.label), steps=1, guidance=1.0)
+    assert out.shape == (2, 3, F, cfg.dataset.resolution, cfg.dataset.resolution)
+    # items of one clip cannot train the clip-conditional model: the error says how to get two
+    with pytest.raises(ValueError, match="build_datamodule"):
+        pvdm.loss("diffusion", type(batch)(video=batch.video[:, :, :F], label=batch.label, text=batch.text))

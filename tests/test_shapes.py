@@ -50,3 +50,57 @@ def test_num_classes_restricts_labels_and_datamodule_batches():
     assert batch.video.shape == (8, 3, 4, 16, 16)
     assert batch.label.max() < 3 and len(batch.text) == 8 and dm.num_classes == 3
     assert batch.first_frame.shape == (8, 3, 16, 16)
+
+
+# sha256 of the first 64 train items' float32 bytes, computed before long clips existed (16-frame clips and
+# shorter must stay byte for byte what they were: cached real statistics and trained runs depend on them)
+CLIP_HASHES = {(16, 32): "eb87ce4cf79f681f99c677bbebaf9c51f517e52cd8f72cc328646520a844452b",
+               (8, 16): "cf442edd78430a887f6fefd5dd82772144ec9f546b5049863b76f7316650b7f3"}
+
+
+def test_clips_of_up_to_16_frames_are_unchanged_byte_for_byte():
+    import hashlib
+
+    for (frames, res), expected in CLIP_HASHES.items():
+        ds = ShapesDataset(ShapesConfig(frames=frames, resolution=res), "train")
+        h = hashlib.sha256()
+        for i in range(64):
+            h.update(ds[i]["video"].numpy().tobytes())
+        assert h.hexdigest() == expected, (frames, res)
+
+
+def _sprite_mask(video: torch.Tensor, item: dict) -> torch.Tensor:
+    """(T, H, W) pixels closer to the sprite colour than to the background (video (3, T, H, W) in [-1, 1])."""
+    from datamodules.shapes import BACKGROUNDS, COLORS
+
+    fg = torch.tensor(list(COLORS.values())[item["color"]]).view(3, 1, 1, 1) * 2 - 1
+    bg = torch.tensor(list(BACKGROUNDS.values())[item["background"]]).view(3, 1, 1, 1) * 2 - 1
+    return (video - fg).abs().sum(0) < (video - bg).abs().sum(0)
+
+
+def test_long_clips_continue_the_motion_and_keep_the_sprite():
+    """64 / 128-frame clips start with the 16-frame clip exactly, keep the class's direction (translations wrap
+    around the edges, grow / shrink repeat every 16 frames, orbit and bounce go on) and always show the sprite,
+    of its colour, at its size."""
+    short = ShapesDataset(ShapesConfig(frames=16, resolution=32), "train")
+    for frames in (64, 128):
+        ds = ShapesDataset(ShapesConfig(frames=frames, resolution=32), "train")
+        seen = set()
+        for i in range(48):
+            item, a = ds[i], ds.attributes(i)
+            video, motion = item["video"], MOTIONS[a["label"]]
+            seen.add(motion)
+            assert video.shape == (3, frames, 32, 32) and video.abs().max() <= 1
+            assert torch.equal(video[:, :16], short[i]["video"])
+            area = _sprite_mask(video, item).sum(dim=(1, 2)).float()  # (T,) sprite pixels per frame
+            if motion in ("left", "right", "up", "down", "orbit", "bounce"):  # rigid motion: the same size always
+                assert area.min() > 0.8 * area[0] and area.max() < 1.25 * area[0], (motion, area)
+            else:  # grow / shrink: each 16-frame period repeats the first
+                assert area.min() > 0
+                torch.testing.assert_close(video[:, 16:32], video[:, :16], rtol=0, atol=1e-5)
+            x, y, r = trajectory(a, frames)
+            step = {"left": -(x.diff() % 1 - 1) % 1, "right": x.diff() % 1, "up": -(y.diff() % 1 - 1) % 1,
+                    "down": y.diff() % 1}.get(motion)
+            if step is not None:  # the same direction and speed every frame, through the wraps
+                torch.testing.assert_close(step, torch.full_like(step, 0.5 * a["speed"] / 15), rtol=0, atol=1e-5)
+        assert seen == set(MOTIONS)
