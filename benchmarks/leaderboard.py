@@ -336,8 +336,9 @@ def to_markdown(entries: list[Entry], strict: bool = False) -> str:
             cols += [(name, m, p) for name, p in mc]
         primary = next((m for _, m, _ in cols), None)
         swept = sorted({k for e in group for k in e.swept})
+        ref = any(e.stat("train_seconds_ref") is not None for e in group)  # rows that carry the machine probe
         header = ["method", *swept, "seeds", *(name for name, _, _ in cols),
-                  "params (M)", "train s", "sample s/video", "GFLOPs/video"]
+                  "params (M)", "train s", *(["train s @570"] if ref else []), "sample s/video", "GFLOPs/video"]
         title = f"### {dataset}" + (f" (task: {task})" if task else "")
         lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for e in sorted(group, key=lambda e: _sort_key(e, primary)):
@@ -346,11 +347,15 @@ def to_markdown(entries: list[Entry], strict: bool = False) -> str:
             cells += [_fmt(e.stat(m)) if p is None or e.protocol_of(m) == p else "" for _, m, p in cols]
             params = e.stat("params")
             cells += [f"{params[0] / 1e6:.3g}" if params else "", _fmt(e.stat("train_seconds"), 3),
+                      *([_fmt(e.stat("train_seconds_ref"), 3)] if ref else []),
                       _fmt(e.stat("sample_seconds_per_video"), 3), _fmt(e.stat("gflops_per_video"), 3)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         if any(len(e.seeds) > 1 for e in group):
             lines.append("Values are mean ± sample standard deviation over seeds.")
+        if ref:
+            lines.append("`train s @570`: training seconds scaled by the machine's bf16 matmul speed, measured at the "
+                         "start of each run, to a 570 GFLOP/s machine (benchmarks.machine).")
         common = {k: v for k, v in group[0].protocol.items() if all(e.protocol.get(k) == v for e in group)}
         if common:
             lines.append("Protocol: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(common.items())) + ".")

@@ -505,6 +505,11 @@ def main(argv: list[str] | None = None) -> dict:
         print("--check: nothing was trained or written")
         return {"plan": plan, "config": cfg}
     is_zero = not _is_worker()
+    from benchmarks.machine import machine_note
+
+    # this machine's bf16 matmul speed now (2.5 s; 0.5 s at scale=test), beside every time in the row
+    machine = machine_note(seconds_budget=0.5 if cfg.scale == "test" else 2.5)
+    print(f"machine: {machine['bf16_matmul_gflops']:.0f} GFLOP/s bf16 matmul ({machine['cpus']} CPUs, {machine['cpu_model']})")
     cfg.run_dir = str(folder.path)
     if is_zero:
         folder.save_config(cfg)
@@ -542,6 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = evaluate_run(cfg, method, dm, folder.path)
     wall = time.perf_counter() - t_start
     row = results_row(cfg, method, dm, stages, metrics, sample_seconds, wall, folder.path)
+    row.update(machine_fields(machine, row["train_seconds"]))
     if check is not None:
         row.update(status=check["status"], flags=check["flags"], sample_check=check)
     row["resumed"] = resumed
@@ -562,6 +568,9 @@ def _log_grid(run_dir: Path, grid: Path) -> None:
 
     with SummaryWriter(str(RunFolder(run_dir).tensorboard_dir / "samples")) as w:
         w.add_image("samples/grid", np.asarray(Image.open(grid).convert("RGB")), dataformats="HWC")
+
+
+REFERENCE_BF16_GFLOPS = 570.0  # the quiet 2-core machine the README's first figures come from
 
 
 def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wall: float, run_dir: Path) -> dict:
@@ -591,6 +600,19 @@ def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wa
         "config_sha256": config_hash(cfg), "run_dir": str(run_dir), "time": datetime.now().isoformat(timespec="seconds"),
         **git_state(), "versions": library_versions(), "config": to_container(cfg),
     }
+
+
+def machine_fields(machine: dict, train_seconds: float) -> dict:
+    """The machine note and the training time normalised to a reference machine's bf16 matmul speed.
+
+    `train_seconds_ref` = train_seconds x (this machine's GFLOP/s / REFERENCE_BF16_GFLOPS): the seconds the
+    run would have taken on a machine of the reference speed, if its time scaled with the matmul peak
+    (a first-order correction: memory-bound parts scale differently). Rows from different machines, or
+    from one machine under different loads, compare on it.
+    """
+    gflops = machine.get("bf16_matmul_gflops") or 0.0
+    return {"machine": machine, "bf16_matmul_gflops": gflops,
+            "train_seconds_ref": train_seconds * gflops / REFERENCE_BF16_GFLOPS if gflops > 0 else None}
 
 
 def summary_line(row: dict) -> str:

@@ -103,10 +103,15 @@ class VDM(VideoGenerator):
 
 
 def run_sampler(sampler: str, model: D.Model, x_T: Tensor, alpha_bar: Tensor, steps: int, eta: float,
-                generator: torch.Generator | None, noise_fn: D.NoiseFn = D.default_noise) -> Tensor:
-    """Dispatch on the configured sampler name (ddim | ddpm)."""
+                generator: torch.Generator | None, noise_fn: D.NoiseFn = D.default_noise,
+                clip_x0: float | None = None) -> Tensor:
+    """Dispatch on the configured sampler name (ddim | ddpm). clip_x0: DDIM clamps each step's x0 estimate
+    to [-clip_x0, clip_x0] and re-derives eps from it (DDPM's clip_denoised); None: no clamp."""
     if sampler == "ddim":
-        return D.ddim_sample(model, x_T, alpha_bar, steps, eta=eta, generator=generator, noise_fn=noise_fn)
+        return D.ddim_sample(model, x_T, alpha_bar, steps, eta=eta, generator=generator, noise_fn=noise_fn,
+                             clip_x0=clip_x0)
+    if clip_x0 is not None:
+        raise ValueError("clip_x0 is implemented for the ddim sampler only; set the sampler to ddim or clip_x0 to 0")
     if sampler == "ddpm":
         return D.ddpm_sample(model, x_T, alpha_bar, generator=generator, noise_fn=noise_fn)
     raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")

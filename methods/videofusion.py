@@ -53,6 +53,9 @@ class VideoFusionConfig:
     base_init: str = "image_prior"  # image_prior: z_b starts from the trained/cached prior | scratch
     base_lr_scale: float = 0.1  # z_b's learning rate relative to the stage's (joint fine-tuning, small lr)
     residual: ResidualConfig = field(default_factory=ResidualConfig)
+    # DDIM clamps each step's x0 estimate to [-clip_x0, clip_x0] (pixels; the official DDPM code's clip_denoised);
+    # 0: off. With eps prediction the x0 estimate at high t is eps's error amplified by sqrt(1 - a) / sqrt(a)
+    clip_x0: float = 0.0
 
 
 class VideoFusion(VideoGenerator):
@@ -222,6 +225,7 @@ class VideoFusion(VideoGenerator):
         C, H, W = self.base.image_shape
         like = torch.empty((n, C, self.data.frames, H, W), device=self.lam.device)
         x_T = self.noise(like, generator)  # the start noise has the decomposed structure too
+        clip = self.cfg.clip_x0 if self.cfg.clip_x0 > 0 and self.base.vae is None else None  # pixels only
         x0 = run_sampler(self.cfg.image_prior.diffusion.sampler, self.eps_model(cond, guidance), x_T, self.alpha_bar,
-                         steps, eta, generator, noise_fn=self.noise)
+                         steps, eta, generator, noise_fn=self.noise, clip_x0=clip)
         return self.from_space(x0).float() if self.base.vae is not None else x0.clamp(-1, 1)

@@ -39,6 +39,10 @@ def test_run_writes_samples_grid_config_logs_and_one_row(tmp_path, name):
     for key in ("resolution", "frames", "stride", "seed", "params", "train_seconds", "sample_seconds_per_video",
                 "peak_rss_mb", "git_commit", "versions", "steps", "guidance", "ema"):
         assert key in rows[0], key
+    # the machine's speed, probed at the start of the run, and the training time normalised by it
+    gflops = rows[0]["machine"]["bf16_matmul_gflops"]
+    assert gflops > 0 and rows[0]["bf16_matmul_gflops"] == gflops
+    assert rows[0]["train_seconds_ref"] == pytest.approx(rows[0]["train_seconds"] * gflops / run.REFERENCE_BF16_GFLOPS)
 
 
 def test_rerun_in_the_same_folder_resumes_finished_stages(tmp_path):

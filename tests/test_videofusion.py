@@ -71,3 +71,37 @@ def test_shares_the_image_prior_cache_key_with_cmd():
                       "method.image_prior.diffusion.schedule=linear")
     assert cmd_like_vf == key("method=videofusion"), "CMD and VideoFusion must reuse one prior when its config matches"
     assert key("method=cmd") != cmd_like_vf  # a different prior config is a different cache entry
+
+
+def test_clip_x0_reaches_the_ddim_sampler_and_changes_pixel_samples(vf, monkeypatch):
+    """method.clip_x0 > 0: every DDIM step's x0 estimate is clamped to [-clip_x0, clip_x0] (pixel space)."""
+    import methods.diffusion as D
+    from methods.base import Conditioning
+
+    method, _ = vf
+    seen, last = [], {}
+    real_step = D.ddim_step
+
+    def spy(eps, x, t, t_prev, alpha_bar, **kw):  # the x0 each step moves towards
+        seen.append(D.x0_from_eps(x, t, eps, alpha_bar).abs().max().item())
+        last[method.cfg.clip_x0] = x
+        return real_step(eps, x, t, t_prev, alpha_bar, **kw)
+
+    monkeypatch.setattr(D, "ddim_step", spy)
+    cond = Conditioning(label=torch.arange(2) % 2)
+    method.eval()
+    out = {}
+    for clip in (0.0, 1.0):
+        monkeypatch.setattr(method.cfg, "clip_x0", clip)
+        seen.clear()
+        out[clip] = method.sample(2, cond, steps=4, guidance=1.0, generator=torch.Generator().manual_seed(0))
+        if clip:
+            assert max(seen) <= clip + 1e-4, seen
+        else:
+            assert max(seen) > 1.0, "an untrained eps model's x0 estimate should leave [-1, 1]"
+    # the trajectories differ (an untrained model's samples saturate at +-1 either way after the final clamp)
+    assert not torch.equal(last[0.0], last[1.0])
+    with pytest.raises(ValueError, match="ddim"):
+        from methods.vdm import run_sampler
+
+        run_sampler("ddpm", lambda x, t: x, torch.zeros(1, 1), torch.linspace(0.9, 0.1, 10), 2, 0.0, None, clip_x0=1.0)
