@@ -3,6 +3,7 @@
     python -m benchmarks.probe_methods edvdm-loop [run_dir=R] [n=256] [noise=0.02] [ae_steps=200] [out=DIR] [overrides]
     python -m benchmarks.probe_methods pvdm-cost [scales=test,tiny,paper] [batch=4] [time=false] [out=DIR]
     python -m benchmarks.probe_methods pvdm-long run_dir=R [clips=4] [n=128] [out=DIR]
+    python -m benchmarks.probe_methods videofusion-base run_dir=R [n=64] [out=DIR]
 
 edvdm-loop: the codec's reconstruction of n held-out clips (the I-frame given, every P-frame rebuilt from
 its motion vectors and its coded residual), in the open loop (residuals against the original previous
@@ -28,6 +29,12 @@ reports FVD of the whole videos (the shapes evaluator sees 16 evenly spaced fram
 rate at which the shapes evaluator's colour / shape / background heads predict the same value on the
 first and the last clip of a video (and, as the chance level, on the first clip of video i and the last
 clip of video i+1). Written to out/pvdm_long.json.
+
+videofusion-base: a trained VideoFusion run generates n pairs of videos, the two of a pair conditioned on
+two different motion classes, once with the pair sharing the base noise b of the start noise (residuals
+independent) and once with independent bases; the shapes evaluator's heads give the rate at which a pair
+agrees on colour / shape / background, and every video's motion-class accuracy. Written to
+out/videofusion_base.json.
 """
 
 from __future__ import annotations
@@ -403,7 +410,70 @@ def pvdm_long(opts: dict, overrides: list[str]) -> dict:
     return report
 
 
-COMMANDS = {"edvdm-loop": edvdm_loop, "pvdm-cost": pvdm_cost, "pvdm-long": pvdm_long}
+# --- VideoFusion: a shared base noise fixes the content -----------------------------------------
+
+
+def pair_agreement(heads: dict[str, Tensor]) -> dict[str, float]:
+    """Rates at which videos 2i and 2i+1 get the same colour / shape / background (and colour and shape) from the
+    evaluator's heads (argmax per video)."""
+    out = {}
+    for k in ("color", "shape", "background"):
+        if k in heads:
+            out[f"{k}_same"] = (heads[k][0::2] == heads[k][1::2]).float().mean().item()
+    if "color" in heads and "shape" in heads:
+        out["color_and_shape_same"] = ((heads["color"][0::2] == heads["color"][1::2])
+                                       & (heads["shape"][0::2] == heads["shape"][1::2])).float().mean().item()
+    return out
+
+
+def videofusion_base(opts: dict, overrides: list[str]) -> dict:
+    """n pairs of videos conditioned on two different motion classes: pairs that share the base noise b of the
+    start noise against pairs with independent bases. The paper's claim: the base carries the content (colour,
+    shape, background agree), the residuals and the condition the motion (each video's class still read)."""
+    from evaluation.detectors import load_detector
+
+    if "run_dir" not in opts:
+        raise SystemExit("error: videofusion-base needs run_dir= (a trained benchmarks.run folder of method=videofusion)")
+    cfg, _, method = _load_run(opts["run_dir"])
+    if cfg.method.name != "videofusion":
+        raise SystemExit(f"error: videofusion-base probes VideoFusion, got method={cfg.method.name}")
+    K = method.data.num_classes
+    if not K or K < 2:
+        raise SystemExit("error: videofusion-base needs a class-conditional run with at least 2 classes")
+    n, batch, seed = int(opts.get("n", 64)), int(opts.get("batch_size", 32)) // 2 * 2 or 2, int(opts.get("seed", 0))
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, K, (n,), generator=g)
+    labels = torch.stack([first, (first + torch.randint(1, K, (n,), generator=g)) % K], dim=1).reshape(-1)  # 2i != 2i+1
+    C, H, W = method.base.image_shape
+    bases = {"shared": torch.randn(n, C, H, W, generator=g).repeat_interleave(2, dim=0),
+             "independent": torch.randn(2 * n, C, H, W, generator=g)}
+    det = load_detector("shapes", None)
+    autocast = str(cfg.trainer.precision).startswith("bf16")
+    report: dict = {"run_dir": opts["run_dir"], "pairs": n, "lam": cfg.method.lam, "steps": cfg.sample.steps,
+                    "guidance": cfg.sample.guidance, "eta": cfg.sample.eta}
+    t0 = time.perf_counter()
+    for name, base in bases.items():
+        videos = []
+        for s in range(0, 2 * n, batch):
+            e = min(2 * n, s + batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                videos.append(method.sample(e - s, Conditioning(label=labels[s:e]), steps=cfg.sample.steps,
+                                            guidance=cfg.sample.guidance, eta=cfg.sample.eta, generator=g,
+                                            shared_base=base[s:e]).float())
+        videos = torch.cat(videos)
+        heads = _heads(det, videos)
+        r = pair_agreement(heads)
+        r["cond_acc"] = (heads["motion"] == labels).float().mean().item() if "motion" in heads else None
+        report[name] = r
+        print(f"{name} base: colour same {r.get('color_same', float('nan')):.3f}, shape same "
+              f"{r.get('shape_same', float('nan')):.3f}, background same {r.get('background_same', float('nan')):.3f}, "
+              f"motion-class accuracy {r['cond_acc']:.3f}")
+    report["sample_seconds"] = time.perf_counter() - t0
+    _write_json(Path(opts.get("out", DEFAULT_OUT)), "videofusion_base.json", report)
+    return report
+
+
+COMMANDS = {"edvdm-loop": edvdm_loop, "pvdm-cost": pvdm_cost, "pvdm-long": pvdm_long, "videofusion-base": videofusion_base}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -146,10 +146,17 @@ class VideoFusion(VideoGenerator):
     def _lam(self, like: Tensor) -> Tensor:
         return self.lam.to(like.dtype).view(1, 1, -1, 1, 1)  # (1, 1, T, 1, 1)
 
-    def noise(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """eps_i = sqrt(lam_i) b + sqrt(1 - lam_i) r_i for a batch shaped like `like` (B, C, T, H, W) (eq. 5)."""
+    def noise(self, like: Tensor, generator: torch.Generator | None = None, base: Tensor | None = None) -> Tensor:
+        """eps_i = sqrt(lam_i) b + sqrt(1 - lam_i) r_i for a batch shaped like `like` (B, C, T, H, W) (eq. 5);
+        `base`: b given, (C, H, W) for every video of the batch or (B, C, H, W) per video (else drawn per video)."""
         B, C, _, H, W = like.shape
-        b = torch.randn((B, C, 1, H, W), generator=generator, device=like.device, dtype=like.dtype)
+        if base is not None:
+            if tuple(base.shape) not in ((C, H, W), (B, C, H, W)):
+                raise ValueError(f"the base noise must be (C, H, W) = {(C, H, W)} or (B, C, H, W) = {(B, C, H, W)}, "
+                                 f"got {tuple(base.shape)}")
+            b = base.to(like).expand(B, C, H, W)[:, :, None]
+        else:
+            b = torch.randn((B, C, 1, H, W), generator=generator, device=like.device, dtype=like.dtype)
         r = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
         lam = self._lam(like)
         return lam.sqrt() * b + (1 - lam).sqrt() * r
@@ -221,10 +228,14 @@ class VideoFusion(VideoGenerator):
 
     @torch.no_grad()
     def sample(self, n: int, cond: Conditioning, *, steps: int, guidance: float,
-               generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
+               generator: torch.Generator | None = None, eta: float = 0.0, shared_base: Tensor | None = None) -> Tensor:
+        """n videos; `shared_base` (C, H, W): the start noise's base b, the same for every sample (their
+        residuals r_i drawn independently): the paper's "same content, different motion" (benchmarks.probe_methods
+        videofusion-base); (n, C, H, W): one base per video. The step noise of a stochastic sampler (eta > 0)
+        stays independent."""
         C, H, W = self.base.image_shape
         like = torch.empty((n, C, self.data.frames, H, W), device=self.lam.device)
-        x_T = self.noise(like, generator)  # the start noise has the decomposed structure too
+        x_T = self.noise(like, generator, base=shared_base)  # the start noise has the decomposed structure too
         clip = self.cfg.clip_x0 if self.cfg.clip_x0 > 0 and self.base.vae is None else None  # pixels only
         x0 = run_sampler(self.cfg.image_prior.diffusion.sampler, self.eps_model(cond, guidance), x_T, self.alpha_bar,
                          steps, eta, generator, noise_fn=self.noise, clip_x0=clip)

@@ -28,3 +28,36 @@ def test_pvdm_cost_compares_the_clip_lengths():
     assert new["clip_frames"] == F and new["clips_per_video"] == 1 and new["train_item_frames"] == 2 * F
     assert old["clip_frames"] == F // 2 and old["clips_per_video"] == 2
     assert new["latent_tokens"] > old["latent_tokens"] and new["diffusion"]["gflops"] > old["diffusion"]["gflops"]
+
+
+def test_pair_agreement_counts_pairs_2i_and_2i_plus_1():
+    import torch
+
+    heads = {"color": torch.tensor([0, 0, 1, 2, 3, 3, 4, 4]), "shape": torch.tensor([1, 1, 1, 1, 0, 2, 3, 3]),
+             "background": torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])}
+    out = probe_methods.pair_agreement(heads)
+    assert out == {"color_same": 0.75, "shape_same": 0.75, "background_same": 0.0, "color_and_shape_same": 0.5}
+
+
+def test_videofusion_base_probe_on_a_test_run(tmp_path):
+    import json
+
+    import torch
+
+    from benchmarks import run
+
+    row = run.main(["method=videofusion", "scale=test", f"runs_root={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'c'}",
+                    f"results={tmp_path / 'r.jsonl'}", "eval.metrics=[]"])
+    report = probe_methods.main(["videofusion-base", f"run_dir={row['run_dir']}", "n=3", "batch_size=4",
+                                 f"out={tmp_path}"])
+    assert json.loads((tmp_path / "videofusion_base.json").read_text())["pairs"] == 3
+    for name in ("shared", "independent"):
+        assert set(report[name]) >= {"color_same", "shape_same", "background_same", "cond_acc"}
+        assert all(0 <= v <= 1 for v in report[name].values())
+    # the shared base is the key frame's whole start noise (lam_k = 1): every video of the batch starts from it
+    _, _, method = probe_methods._load_run(row["run_dir"])
+    C, H, W = method.base.image_shape
+    b = torch.randn(C, H, W)
+    eps = method.noise(torch.empty(5, C, method.data.frames, H, W), torch.Generator().manual_seed(0), base=b)
+    assert torch.allclose(eps[:, :, method.key], b.expand(5, C, H, W))
+    assert not torch.allclose(eps[0, :, method.key - 1], eps[1, :, method.key - 1])  # residuals differ
