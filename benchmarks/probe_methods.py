@@ -4,6 +4,7 @@
     python -m benchmarks.probe_methods pvdm-cost [scales=test,tiny,paper] [batch=4] [time=false] [out=DIR]
     python -m benchmarks.probe_methods pvdm-long run_dir=R [clips=4] [n=128] [out=DIR]
     python -m benchmarks.probe_methods videofusion-base run_dir=R [n=64] [out=DIR]
+    python -m benchmarks.probe_methods i2v-protocol run_dir=R [eval.num_samples=N] [sample.guidance=S] [out=DIR]
 
 edvdm-loop: the codec's reconstruction of n held-out clips (the I-frame given, every P-frame rebuilt from
 its motion vectors and its coded residual), in the open loop (residuals against the original previous
@@ -35,6 +36,10 @@ two different motion classes, once with the pair sharing the base noise b of the
 independent) and once with independent bases; the shapes evaluator's heads give the rate at which a pair
 agrees on colour / shape / background, and every video's motion-class accuracy. Written to
 out/videofusion_base.json.
+
+i2v-protocol: a trained D-VDM / ED-VDM run scored under the earlier image-to-video protocol (first frames
+of the training split's clips, which are the FVD reference's clips) and the current one (held-out val
+clips), same seed and n. Written to out/i2v_protocol.json.
 """
 
 from __future__ import annotations
@@ -473,7 +478,47 @@ def videofusion_base(opts: dict, overrides: list[str]) -> dict:
     return report
 
 
-COMMANDS = {"edvdm-loop": edvdm_loop, "pvdm-cost": pvdm_cost, "pvdm-long": pvdm_long, "videofusion-base": videofusion_base}
+# --- image-to-video: the first-frame protocol, before and after -----------------------------------
+
+
+def i2v_protocol(opts: dict, overrides: list[str]) -> dict:
+    """One trained image-to-video run scored twice with the same generator seed: first frames from the
+    training split's clips (the earlier protocol: clip i of the train split is also the FVD reference's
+    clip i, so a model that copies its training data is rewarded) and from held-out val clips (the
+    protocol now, evaluation.protocol.FIRST_FRAME_SPLIT)."""
+    from evaluation import protocol
+
+    if "run_dir" not in opts:
+        raise SystemExit("error: i2v-protocol needs run_dir= (a trained image-to-video run: method=dvdm or edvdm)")
+    cfg, dm, method = _load_run(opts["run_dir"])
+    if not method.image_to_video:
+        raise SystemExit(f"error: i2v-protocol compares first-frame protocols; {cfg.method.name} is not image-to-video")
+    from omegaconf import OmegaConf
+
+    for o in overrides:  # sampling / evaluation settings (sample.guidance=4, eval.num_samples=64, ...)
+        key, _, value = o.partition("=")
+        if not key.startswith(("sample.", "eval.")):
+            raise SystemExit(f"error: i2v-protocol takes sample.* and eval.* overrides only, got {o!r}")
+        OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v if value else value, merge=False)
+    report: dict = {"run_dir": opts["run_dir"]}
+    saved = protocol.FIRST_FRAME_SPLIT
+    try:
+        for name, split in (("old: first frames of train clips (the FVD reference's)", "train"),
+                            ("new: first frames of held-out val clips", "val")):
+            protocol.FIRST_FRAME_SPLIT = split
+            torch.manual_seed(cfg.seed)
+            out = protocol.evaluate_method(method, dm, cfg)
+            report[split] = {"protocol": name, **{k: out.get(k) for k in ("fvd", "is", "cond_acc", "clipsim", "n_gen",
+                                                                          "n_real", "real_split")}}
+            print(f"{name}: " + ", ".join(f"{k}={out[k]:.4g}" for k in ("fvd", "cond_acc") if out.get(k) is not None))
+    finally:
+        protocol.FIRST_FRAME_SPLIT = saved
+    _write_json(Path(opts.get("out", DEFAULT_OUT)), "i2v_protocol.json", report)
+    return report
+
+
+COMMANDS = {"edvdm-loop": edvdm_loop, "pvdm-cost": pvdm_cost, "pvdm-long": pvdm_long, "videofusion-base": videofusion_base,
+            "i2v-protocol": i2v_protocol}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -61,3 +61,16 @@ def test_videofusion_base_probe_on_a_test_run(tmp_path):
     eps = method.noise(torch.empty(5, C, method.data.frames, H, W), torch.Generator().manual_seed(0), base=b)
     assert torch.allclose(eps[:, :, method.key], b.expand(5, C, H, W))
     assert not torch.allclose(eps[0, :, method.key - 1], eps[1, :, method.key - 1])  # residuals differ
+
+
+def test_i2v_protocol_scores_one_run_under_both_first_frame_splits(tmp_path):
+    from benchmarks import run
+    from evaluation import protocol
+
+    row = run.main(["method=dvdm", "scale=test", f"runs_root={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'c'}",
+                    f"results={tmp_path / 'r.jsonl'}", "eval.metrics=[fvd,cond_acc]"])
+    report = probe_methods.main(["i2v-protocol", f"run_dir={row['run_dir']}", "eval.num_samples=4", f"out={tmp_path}"])
+    assert report["train"]["n_gen"] == report["val"]["n_gen"] == 4
+    assert report["train"]["fvd"] != report["val"]["fvd"]  # other first frames, other videos
+    assert protocol.FIRST_FRAME_SPLIT == "val"  # restored
+    assert (tmp_path / "i2v_protocol.json").exists()
