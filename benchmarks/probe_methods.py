@@ -4,6 +4,7 @@
     python -m benchmarks.probe_methods pvdm-cost [scales=test,tiny,paper] [batch=4] [time=false] [out=DIR]
     python -m benchmarks.probe_methods pvdm-long run_dir=R [clips=4] [n=128] [out=DIR]
     python -m benchmarks.probe_methods videofusion-base run_dir=R [n=64] [out=DIR]
+    python -m benchmarks.probe_methods pvdm-ae [seconds=75] [n=64] [overrides, e.g. stages.autoencoder.lr=3e-4]
     python -m benchmarks.probe_methods i2v-protocol run_dir=R [eval.num_samples=N] [sample.guidance=S] [out=DIR]
 
 edvdm-loop: the codec's reconstruction of n held-out clips (the I-frame given, every P-frame rebuilt from
@@ -37,6 +38,10 @@ independent) and once with independent bases; the shapes evaluator's heads give 
 agrees on colour / shape / background, and every video's motion-class accuracy. Written to
 out/videofusion_base.json.
 
+pvdm-ae: PVDM's autoencoder stage trained alone for `seconds` with the run config's settings (overrides
+apply), then the L1 of n val clips' reconstructions and the shapes evaluator's motion-class accuracy on
+them (printed as JSON).
+
 i2v-protocol: a trained D-VDM / ED-VDM run scored under the earlier image-to-video protocol (first frames
 of the training split's clips, which are the FVD reference's clips) and the current one (held-out val
 clips), same seed and n. Written to out/i2v_protocol.json.
@@ -58,7 +63,8 @@ from benchmarks.config import load_config, stage_settings
 from methods import codec
 from methods.base import Conditioning
 
-PROBE_KEYS = ("run_dir", "n", "noise", "ae_steps", "out", "scales", "batch", "clips", "batch_size", "seed", "time")
+PROBE_KEYS = ("run_dir", "n", "noise", "ae_steps", "out", "scales", "batch", "clips", "batch_size", "seed", "time",
+              "seconds")
 DEFAULT_OUT = "results/probes"
 
 
@@ -478,6 +484,53 @@ def videofusion_base(opts: dict, overrides: list[str]) -> dict:
     return report
 
 
+# --- PVDM: can the tri-plane autoencoder reconstruct? -----------------------------------------------
+
+
+def pvdm_ae(opts: dict, overrides: list[str]) -> dict:
+    """Train PVDM's autoencoder stage alone for `seconds` (its own loss, optimiser settings, batch size and
+    gradient clipping; bf16 autocast), then report the L1 of `n` val clips' reconstructions and the shapes
+    evaluator's motion-class accuracy on them (chance 1/8): whether the latent keeps what the diffusion
+    stage will need, in a fraction of a run's time."""
+    from evaluation.detectors import load_detector
+
+    cfg = load_config(["method=pvdm", *overrides])
+    seconds, n = float(opts.get("seconds", 75)), int(opts.get("n", 64))
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    torch.manual_seed(int(opts.get("seed", 0)))
+    method = build_method(cfg, data_spec(cfg, dm))
+    st = stage_settings(cfg, "autoencoder")
+    opt = torch.optim.AdamW(method.autoencoder.parameters(), lr=st["lr"], betas=tuple(st["betas"]))
+    loader = dm.loader_for("train", shuffle=True, drop_last=True, batch_size=st["batch_size"])
+    autocast = str(cfg.trainer.precision).startswith("bf16")
+    clip = float(cfg.trainer.gradient_clip_val or 0)
+    method.train()
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for batch in loader:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = method.loss("autoencoder", batch)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(method.autoencoder.parameters(), clip)
+            opt.step()
+            steps += 1
+            if time.perf_counter() - t0 >= seconds:
+                break
+    method.eval()
+    real = _real(cfg, "val", n)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        recon = method.reconstruct(real["video"]).float()
+    heads = _heads(load_detector("shapes", None), recon)
+    report = {"overrides": overrides, "seconds": seconds, "steps": steps, "lr": st["lr"], "betas": list(st["betas"]),
+              "batch_size": st["batch_size"], "n": n, "val_l1": (recon - real["video"]).abs().mean().item(),
+              "recon_motion_acc": (heads["motion"] == real["label"]).float().mean().item()}
+    print(json.dumps(report))
+    return report
+
+
 # --- image-to-video: the first-frame protocol, before and after -----------------------------------
 
 
@@ -518,7 +571,7 @@ def i2v_protocol(opts: dict, overrides: list[str]) -> dict:
 
 
 COMMANDS = {"edvdm-loop": edvdm_loop, "pvdm-cost": pvdm_cost, "pvdm-long": pvdm_long, "videofusion-base": videofusion_base,
-            "i2v-protocol": i2v_protocol}
+            "i2v-protocol": i2v_protocol, "pvdm-ae": pvdm_ae}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -74,3 +74,9 @@ def test_i2v_protocol_scores_one_run_under_both_first_frame_splits(tmp_path):
     assert report["train"]["fvd"] != report["val"]["fvd"]  # other first frames, other videos
     assert protocol.FIRST_FRAME_SPLIT == "val"  # restored
     assert (tmp_path / "i2v_protocol.json").exists()
+
+
+def test_pvdm_ae_trains_the_autoencoder_alone_and_scores_its_reconstructions():
+    report = probe_methods.main(["pvdm-ae", "scale=test", "seconds=1", "n=4"])
+    assert report["steps"] >= 1 and 0 < report["val_l1"] < 2 and 0 <= report["recon_motion_acc"] <= 1
+    assert report["batch_size"] > 0 and report["overrides"] == ["scale=test"]
