@@ -507,9 +507,12 @@ def main(argv: list[str] | None = None) -> dict:
     is_zero = not _is_worker()
     from benchmarks.machine import machine_note
 
-    # this machine's bf16 matmul speed now (2.5 s; 0.5 s at scale=test), beside every time in the row
-    machine = machine_note(seconds_budget=0.5 if cfg.scale == "test" else 2.5)
-    print(f"machine: {machine['bf16_matmul_gflops']:.0f} GFLOP/s bf16 matmul ({machine['cpus']} CPUs, {machine['cpu_model']})")
+    # this machine's bf16 matmul speed now (2.5 s; 0.5 s at scale=test), beside every time in the row; rank 0 only
+    # (it alone writes the row, and two ranks probing at once would each measure half the machine)
+    machine = machine_note(seconds_budget=0.5 if cfg.scale == "test" else 2.5) if is_zero else {}
+    if is_zero:
+        print(f"machine: {machine['bf16_matmul_gflops']:.0f} GFLOP/s bf16 matmul ({machine['cpus']} CPUs, "
+              f"{machine['cpu_model']})")
     cfg.run_dir = str(folder.path)
     if is_zero:
         folder.save_config(cfg)
