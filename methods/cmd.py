@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from methods import diffusion as D
+from methods.ae_loss import AELossConfig, AutoencoderLoss
 from methods.base import Conditioning, DataSpec, VideoBatch, VideoGenerator
 from methods.image_prior import ImagePrior, ImagePriorConfig, image_prior_cache_key, random_frames, repeat_conditioning
 from methods.nets.embed import ConditionEmbedder, TextEncoderConfig, TimestepEmbedder, trainable
@@ -44,6 +45,7 @@ class AutoencoderConfig:
     patch: int = 2  # H' = H / patch, W' = W / patch
     motion_dim: int = 8  # D, channels of z (16 in the paper's ablation)
     content: str = "weighted"  # weighted: softmax over time (eq. 3) | mean: plain average (ablation)
+    loss: AELossConfig = field(default_factory=AELossConfig)  # L1 (pixels) / MSE (latents); + LPIPS (the paper's pixel mode)
 
 
 @dataclass
@@ -329,6 +331,8 @@ class CMD(VideoGenerator):
             self.shared_stages = {}
         channels = self.content.image_shape[0]  # C of the space the autoencoder works in
         self.autoencoder = ContentMotionAutoencoder(cfg.autoencoder, channels, pixel_output=cfg.space == "pixel")
+        self.autoencoder_loss = AutoencoderLoss(cfg.autoencoder.loss, channels,
+                                                (data.frames, *self.content.image_shape[1:]), space=cfg.space)
         self.motion = MotionDenoiser(cfg.motion, cfg.autoencoder.motion_dim, channels, data.num_classes)
         self.register_buffer("motion_alpha_bar", D.alpha_bar_schedule(cfg.motion.diffusion.schedule,
                                                                       cfg.motion.diffusion.num_timesteps),
@@ -342,7 +346,9 @@ class CMD(VideoGenerator):
             return self.image_prior.trainable_parameters()
         if stage == "content":
             return self.content.trainable_parameters()
-        return trainable(self.autoencoder if stage == "autoencoder" else self.motion)  # a CLIP text encoder stays frozen
+        if stage == "autoencoder":  # with the PatchGAN's discriminators when the loss has them
+            return trainable(self.autoencoder) + self.autoencoder_loss.trainable_parameters()
+        return trainable(self.motion)  # a CLIP text encoder stays frozen
 
     def shared_stage_config(self, stage: str) -> dict:
         """What determines a shared stage's weights besides data and training settings (its cache key)."""
@@ -386,9 +392,8 @@ class CMD(VideoGenerator):
             frames = self.image_prior.encode(random_frames(video, k))  # (B*k, C', H', W')
             return {"loss": self.image_prior.loss(frames, repeat_conditioning(cond, k))}
         if stage == "autoencoder":
-            x = self.to_space(video)
-            l1 = (self.autoencoder(x).float() - x.float()).abs().mean()  # L1 reconstruction (LPIPS/GAN off)
-            return {"loss": l1, "l1": l1.detach()}
+            x = self.to_space(video)  # L1 (pixels) or MSE (latents), + LPIPS / PatchGAN when configured
+            return self.autoencoder_loss(x, self.autoencoder(x), self.autoencoder.unpatch.weight)
         content, z = self.encode(video)  # the frozen autoencoder on real clips
         r = self.cfg.latent_repeats
         if r > 1:

@@ -10,8 +10,8 @@ Notation (paper section 3; per clip of T frames, h = H / patch, w = W / patch, c
     x_hat    decoder(g_s(z_s) + g_h(z_h) + g_w(z_w)): each plane 1x1-convolved back to D channels and
              broadcast over its missing axis, the three summed (the official code; the paper's text
              reads as a concatenation), a TimeSformer decoder, a per-frame ConvTranspose2d, 2 sigmoid - 1
-Stages: autoencoder (L1; the paper adds LPIPS and a 2D+3D PatchGAN, off here: no perceptual network
-ships with the framework) -> diffusion (eps-prediction, MSE, over z with one 2D UNet shared by the
+Stages: autoencoder (L1 by default; the paper's LPIPS on one random frame and 2D + 3D PatchGAN are options,
+`method.autoencoder.loss`, methods/ae_loss.py: LPIPS needs local VGG16 + linear weights, none ship) -> diffusion (eps-prediction, MSE, over z with one 2D UNet shared by the
 three planes and a cross-plane attention after every block, methods/nets/triplane.py).
 Long videos: the denoiser sees [z_t, z_prev] with z_prev the previous clip's latent or zeros; in
 training a clip is conditioned on the clip before it with probability `cond_prob` (0.3 in the code).
@@ -33,6 +33,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from methods import diffusion as D
+from methods.ae_loss import AELossConfig, AutoencoderLoss
 from methods.base import Conditioning, DataSpec, VideoBatch, VideoGenerator
 from methods.nets.cond_denoiser import CondDenoiser
 from methods.nets.embed import TextEncoderConfig
@@ -54,6 +55,7 @@ class AutoencoderConfig:
     patch: int = 8  # h = H / patch, w = W / patch (8 at 256x256, 4 at 128x128 in the code)
     latent_channels: int = 4  # c, channels of every plane
     proj_depth: int = 4  # blocks of each axis-summary transformer
+    loss: AELossConfig = field(default_factory=AELossConfig)  # L1; + LPIPS and the 2D + 3D PatchGAN (the paper's)
 
 
 @dataclass
@@ -163,6 +165,7 @@ class PVDM(VideoGenerator):
         self.layout = Triplane(T, data.height // p, data.width // p)
         c = cfg.autoencoder.latent_channels
         self.autoencoder = TriplaneAutoencoder(cfg.autoencoder, data.channels, self.layout)
+        self.autoencoder_loss = AutoencoderLoss(cfg.autoencoder.loss, data.channels, (T, data.height, data.width))
         backbone = TriplaneUNet(2 * c, c, cfg.unet, self.layout, cfg.cross_attention)  # input [z_t, z_prev]
         self.denoiser = CondDenoiser(backbone, backbone.emb_dim, cfg.conditioning, data.num_classes, cfg.text)
         self.register_buffer("alpha_bar", D.alpha_bar_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps),
@@ -188,8 +191,9 @@ class PVDM(VideoGenerator):
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         self.check_stage(stage)
-        module = self.autoencoder if stage == "autoencoder" else self.denoiser
-        return [p for p in module.parameters() if p.requires_grad]
+        if stage == "autoencoder":  # with the PatchGAN's discriminators when the loss has them
+            return [p for p in self.autoencoder.parameters() if p.requires_grad] + self.autoencoder_loss.trainable_parameters()
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
 
     # --- clips -------------------------------------------------------------------------------------
 
@@ -235,8 +239,7 @@ class PVDM(VideoGenerator):
         video = batch.video  # (B, C, F, H, W)
         if stage == "autoencoder":
             x = self.split_clips(video)  # every clip of every item                  (B*k, C, T, H, W)
-            l1 = (self.autoencoder(x).float() - x.float()).abs().mean()  # L1 (LPIPS / GAN off)
-            return {"loss": l1, "l1": l1.detach()}
+            return self.autoencoder_loss(x, self.autoencoder(x), self.autoencoder.unpatch.weight)  # L1 (+ LPIPS, GAN)
         current, previous, conditioned = self.training_clips(video)
         z = self.encode(current)  # (B, c, L)
         z_prev = torch.zeros_like(z)
