@@ -7,7 +7,9 @@ Options: --results PATH (default results/results.jsonl), --dataset/--method/--ta
 (comma-separated lists, as the leaderboard), --out DIR (default report), --figures DIR[,DIR...] (every
 *.png in them shown, every *.csv rendered as a table; default: the *.png and efficiency*.csv files beside
 the results store and in its efficiency/ folder), --max-videos N (sample videos per method, default 8),
---include-degenerate (as the leaderboard: keep runs whose samples were degenerate, marked).
+--include-degenerate (as the leaderboard: keep runs whose samples were degenerate, marked), --screenshot PNG
+(load the written page in headless chromium, benchmarks.browser: save a full-page screenshot and fail if a
+video did not decode, an image did not load or the console shows an error).
 
 The folder holds index.html and everything it shows, by relative paths only: it can be zipped and opened
 anywhere, with no server and no network (plain HTML and CSS, no script, no web fonts). The page:
@@ -528,7 +530,7 @@ def _replace(new: Path, out: Path) -> None:
 
 def _parse(argv: list[str]) -> dict:
     opts = {"results": "results/results.jsonl", "out": "report", "figures": None, "max_videos": "8",
-            "include_degenerate": False}
+            "include_degenerate": False, "screenshot": None}
     filters = parse_options(argv, opts, ("--include-degenerate",), USAGE)
     try:
         opts["max_videos"] = int(opts["max_videos"])
@@ -555,7 +557,28 @@ def main(argv: list[str] | None = None) -> Path | None:
                   max_videos=opts["max_videos"], include_degenerate=opts["include_degenerate"],
                   results_label=opts["results"])
     print(f"wrote {index} (open it in a browser; the folder {index.parent} is self-contained)")
+    if opts["screenshot"]:
+        check_in_browser(index, Path(opts["screenshot"]))
     return index
+
+
+def check_in_browser(index: Path, png: Path) -> dict:
+    """Load the page in headless chromium, save a full-page screenshot, fail if anything did not load."""
+    from benchmarks.browser import BrowserError, capture
+
+    try:
+        state = capture(index, png)
+    except BrowserError as e:
+        raise SystemExit(f"error: --screenshot: {e}") from None
+    videos, images = state["videos"], state["images"]
+    bad = [f"video {v['src']}: {v['error'] or 'readyState ' + str(v['readyState'])}" for v in videos
+           if v["error"] or v["readyState"] < 2] + [f"image {i['src']} did not load" for i in images if not i["width"]]
+    print(f"browser: {len(videos) - sum(1 for v in videos if v['error'] or v['readyState'] < 2)}/{len(videos)} videos "
+          f"decoded, {sum(1 for i in images if i['width'])}/{len(images)} images loaded, "
+          f"{len(state['errors'])} console errors; screenshot {png} ({state['width']}x{state['height']} page)")
+    if bad or state["errors"]:
+        raise SystemExit("error: the page did not load cleanly:\n  " + "\n  ".join(bad + state["errors"]))
+    return state
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ class LPIPS(nn.Module):
                 conv.bias.data.copy_(b)
                 self.convs.append(conv)
         self.lins = nn.ParameterList()
-        for k, stage in enumerate(VGG16_STAGES):
+        for k in range(len(VGG16_STAGES)):
             names = [n for n in linear_state if re.fullmatch(rf"lin{k}\.(model\.\d+\.)?weight", n)]
             width = self.convs[sum(len(s) for s in VGG16_STAGES[: k + 1]) - 1].out_channels
             if len(names) != 1 or linear_state[names[0]].numel() != width:

@@ -11,8 +11,9 @@ Notation (paper section 3; per clip of T frames, h = H / patch, w = W / patch, c
              broadcast over its missing axis, the three summed (the official code; the paper's text
              reads as a concatenation), a TimeSformer decoder, a per-frame ConvTranspose2d, 2 sigmoid - 1
 Stages: autoencoder (L1 by default; the paper's LPIPS on one random frame and 2D + 3D PatchGAN are options,
-`method.autoencoder.loss`, methods/ae_loss.py: LPIPS needs local VGG16 + linear weights, none ship) -> diffusion (eps-prediction, MSE, over z with one 2D UNet shared by the
-three planes and a cross-plane attention after every block, methods/nets/triplane.py).
+`method.autoencoder.loss`, methods/ae_loss.py: LPIPS needs local VGG16 + linear weights, none ship)
+-> diffusion (eps-prediction, MSE, over z with one 2D UNet shared by the three planes and a cross-plane
+attention after every block, methods/nets/triplane.py).
 Long videos: the denoiser sees [z_t, z_prev] with z_prev the previous clip's latent or zeros; in
 training a clip is conditioned on the clip before it with probability `cond_prob` (0.3 in the code).
 Clip length: by default a clip is the evaluated length (clip_frames = data.frames), as the paper's

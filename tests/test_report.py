@@ -8,20 +8,18 @@ REPORT_SCREENSHOT=/some/file.png to keep a copy of the page's screenshot.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
 import shutil
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import report, run
+from benchmarks.browser import BrowserError, Chromium, settled
 from benchmarks.config import load_config
 from evaluation.grid import conditioning_kinds, conditioning_records
 from methods import METHODS
@@ -163,125 +161,16 @@ def test_report_is_self_contained_idempotent_and_labelled(store, tmp_path):
 # --- in a real browser -----------------------------------------------------------------------------------
 
 
-PAGE_STATE = """JSON.stringify({
-  videos: [...document.querySelectorAll('video')].map(v => ({src: v.getAttribute('src'), readyState: v.readyState,
-    error: v.error ? v.error.code + ': ' + v.error.message : null, width: v.videoWidth,
-    decoded: v.webkitDecodedFrameCount, label: (v.parentElement.querySelector('figcaption') || {}).textContent})),
-  images: [...document.images].map(i => ({src: i.getAttribute('src'), complete: i.complete, width: i.naturalWidth})),
-  height: document.documentElement.scrollHeight, width: document.documentElement.scrollWidth})"""
-
-
-class Chromium:
-    """Headless chromium (the system's) driven over the DevTools protocol with websocket-client."""
-
-    def __init__(self, workdir: Path):
-        exe = shutil.which("chromium") or shutil.which("chromium-browser")
-        if exe is None:
-            pytest.fail("chromium is not installed: this test loads the report in a real browser. "
-                        "Install it with `apt-get update && apt-get install -y chromium` (.ci/run does).")
-        try:
-            import websocket
-        except ImportError:
-            pytest.fail("websocket-client is missing: pip install -e '.[dev]'")
-        profile = workdir / "chromium-profile"
-        self.log = workdir / "chromium.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--no-default-browser-check", "--mute-audio", "--autoplay-policy=no-user-gesture-required",
-                 "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1400,1000", "about:blank"],
-                stdout=subprocess.DEVNULL, stderr=log)
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                pytest.fail(f"chromium did not start: {self.log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        port = port_file.read_text().split()[0]
-        while True:
-            targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
-            pages = [t for t in targets if t.get("type") == "page"]
-            if pages or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
-        self.events: list[dict] = []
-        self.next_id = 0
-        for domain in ("Runtime", "Log", "Page"):
-            self.call(f"{domain}.enable")
-
-    def call(self, method: str, **params) -> dict:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == self.next_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-            self.events.append(msg)
-
-    def evaluate(self, expression: str):
-        return json.loads(self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"]["value"])
-
-    def errors(self) -> list[str]:
-        """Console errors, uncaught exceptions and failed loads seen since the last navigation."""
-        out = []
-        for e in self.events:
-            p = e.get("params", {})
-            if e.get("method") == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                out.append("console: " + " ".join(str(a.get("value", a.get("description"))) for a in p.get("args", [])))
-            elif e.get("method") == "Runtime.exceptionThrown":
-                out.append("exception: " + json.dumps(p.get("exceptionDetails", {}))[:500])
-            elif e.get("method") == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
-                out.append(f"log: {p['entry'].get('text')} {p['entry'].get('url', '')}")
-        return out
-
-    def load(self, path: Path, settled, timeout: float = 60.0) -> dict:
-        """Open file://path, wait for its load event and then until settled(state); returns the last state."""
-        self.events.clear()
-        self.call("Page.navigate", url=path.resolve().as_uri())
-        deadline = time.monotonic() + timeout
-        while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
-            assert time.monotonic() < deadline, f"{path} never fired its load event"
-            self.call("Runtime.evaluate", expression="1")  # gathers the events that arrived meanwhile
-            time.sleep(0.1)
-        while True:
-            state = self.evaluate(PAGE_STATE)
-            if settled(state) or time.monotonic() > deadline:
-                return state
-            time.sleep(0.2)
-
-    def screenshot(self, path: Path, width: int, height: int) -> None:
-        shot = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                         clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1})
-        path.write_bytes(base64.b64decode(shot["data"]))
-
-    def close(self) -> None:
-        if getattr(self, "ws", None) is not None:
-            self.ws.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _settled(state: dict) -> bool:
-    """Every video decoded a frame or failed, every image finished loading."""
-    return (all(v["error"] or (v["readyState"] >= 2 and v["decoded"] > 0) for v in state["videos"])
-            and all(i["complete"] for i in state["images"]))
-
-
 def test_report_in_a_real_browser(store, tmp_path):
     results, _ = store
     built = report.main(["--results", str(results), "--out", str(tmp_path / "built")]).parent
     moved = tmp_path / "elsewhere" / "report"  # opened from another place: only relative paths work
     shutil.copytree(built, moved)
     t0 = time.monotonic()
-    browser = Chromium(tmp_path)
+    try:
+        browser = Chromium(tmp_path)
+    except BrowserError as e:  # required, never skipped
+        pytest.fail(str(e))
     try:
         # the checker sees failures: a missing video, a file that is not a video, a missing image
         bad = tmp_path / "bad"
@@ -289,11 +178,11 @@ def test_report_in_a_real_browser(store, tmp_path):
         (bad / "junk.mp4").write_bytes(b"not a video at all" * 100)
         (bad / "index.html").write_text('<!doctype html><video src="missing.mp4" muted preload="auto"></video>'
                                         '<video src="junk.mp4" muted preload="auto"></video><img src="missing.png">')
-        state = browser.load(bad / "index.html", _settled, timeout=30)
+        state = browser.load(bad / "index.html", settled, timeout=30)
         assert [v["error"] is not None for v in state["videos"]] == [True, True], state
         assert state["images"][0]["width"] == 0 and browser.errors(), (state, browser.errors())
 
-        state = browser.load(moved / "index.html", _settled)
+        state = browser.load(moved / "index.html", settled)
         errors = browser.errors()
         shot = tmp_path / "report.png"
         browser.screenshot(shot, min(state["width"], 4000), min(state["height"], 8000))
@@ -310,3 +199,10 @@ def test_report_in_a_real_browser(store, tmp_path):
     assert state["images"] and all(i["complete"] and i["width"] > 0 for i in state["images"]), state["images"]
     assert shot.stat().st_size > 10_000
     print(f"browser checks: {seconds:.1f} s, {len(state['videos'])} videos, {len(state['images'])} images")
+    # the command line's own check: the same page, loaded and photographed by `--screenshot`
+    cli = tmp_path / "cli.png"
+    report.main(["--results", str(results), "--out", str(tmp_path / "built"), "--screenshot", str(cli)])
+    assert cli.stat().st_size > 10_000 and cli.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="did not load cleanly"):  # and it fails on a broken page
+        next((tmp_path / "built").rglob("*.mp4")).unlink()
+        report.check_in_browser(tmp_path / "built" / "index.html", tmp_path / "broken.png")
