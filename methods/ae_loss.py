@@ -247,8 +247,8 @@ class AutoencoderLoss(nn.Module):
         k = self.cfg.lpips.frames
         if 0 < k < T:
             idx = torch.rand(x.shape[0], T, device=x.device).argsort(dim=1)[:, :k]  # k distinct frames per clip
-            take = lambda v: torch.stack([v[i, :, j] for i, j in enumerate(idx)]).flatten(0, 1)  # noqa: E731
-            a, b = take(x), take(x_hat)
+            rows = torch.arange(x.shape[0], device=x.device)[:, None]
+            a, b = x[rows, :, idx].flatten(0, 1), x_hat[rows, :, idx].flatten(0, 1)  # (B*k, C, H, W)
         else:
             a, b = x.transpose(1, 2).flatten(0, 1), x_hat.transpose(1, 2).flatten(0, 1)
         return lp(a.float(), b.float()).mean()
