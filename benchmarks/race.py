@@ -696,11 +696,14 @@ def plot_curves(lines: list[Line], x_key: str = "train_seconds"):
         if metric == "cond_acc":
             ax.axhline(ACCURACY_THRESHOLD, color="black", linewidth=0.6, alpha=0.4)
         ax.set_xlabel("training seconds (measured)" if x_key == "train_seconds" else "sampling seconds per video")
-        if x_key != "train_seconds":
+        budgets = sorted({p.budget for pts in series.values() for p in pts if p.budget})
+        if x_key != "train_seconds" or (budgets and budgets[-1] >= 2 * budgets[0]):  # budgets doubling: log axis
             from matplotlib.ticker import NullFormatter
 
-            ax.set_xscale("log")
+            ax.set_xscale("log", base=2 if x_key == "train_seconds" else 10)
             ax.xaxis.set_minor_formatter(NullFormatter())
+            if x_key == "train_seconds":
+                ax.set_xticks(budgets, [_budget_text(b) for b in budgets])
         ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
         ax.set_title(f"{metric} vs " + ("training budget" if x_key == "train_seconds" else "sampling cost"))
         ax.grid(alpha=0.3)
