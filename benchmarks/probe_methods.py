@@ -501,7 +501,8 @@ def pvdm_ae(opts: dict, overrides: list[str]) -> dict:
     torch.manual_seed(int(opts.get("seed", 0)))
     method = build_method(cfg, data_spec(cfg, dm))
     st = stage_settings(cfg, "autoencoder")
-    opt = torch.optim.AdamW(method.autoencoder.parameters(), lr=st["lr"], betas=tuple(st["betas"]))
+    params = method.stage_parameters("autoencoder")  # with the PatchGAN's discriminators when configured
+    opt = torch.optim.AdamW(params, lr=st["lr"], betas=tuple(st["betas"]))
     loader = dm.loader_for("train", shuffle=True, drop_last=True, batch_size=st["batch_size"])
     autocast = str(cfg.trainer.precision).startswith("bf16")
     clip = float(cfg.trainer.gradient_clip_val or 0)
@@ -514,7 +515,7 @@ def pvdm_ae(opts: dict, overrides: list[str]) -> dict:
             opt.zero_grad()
             loss.backward()
             if clip:
-                torch.nn.utils.clip_grad_norm_(method.autoencoder.parameters(), clip)
+                torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
             steps += 1
             if time.perf_counter() - t0 >= seconds:
