@@ -571,10 +571,12 @@ def check_in_browser(index: Path, png: Path) -> dict:
     except BrowserError as e:
         raise SystemExit(f"error: --screenshot: {e}") from None
     videos, images = state["videos"], state["images"]
-    bad = [f"video {v['src']}: {v['error'] or 'readyState ' + str(v['readyState'])}" for v in videos
-           if v["error"] or v["readyState"] < 2] + [f"image {i['src']} did not load" for i in images if not i["width"]]
-    print(f"browser: {len(videos) - sum(1 for v in videos if v['error'] or v['readyState'] < 2)}/{len(videos)} videos "
-          f"decoded, {sum(1 for i in images if i['width'])}/{len(images)} images loaded, "
+    bad_videos = [f"video {v['src']}: {v['error'] or 'readyState ' + str(v['readyState'])}" for v in videos
+                  if v["error"] or v["readyState"] < 2]
+    bad_images = [f"image {i['src']} did not load" for i in images if not i["width"]]
+    bad = bad_videos + bad_images
+    print(f"browser: {len(videos) - len(bad_videos)}/{len(videos)} videos decoded, "
+          f"{len(images) - len(bad_images)}/{len(images)} images loaded, "
           f"{len(state['errors'])} console errors; screenshot {png} ({state['width']}x{state['height']} page)")
     if bad or state["errors"]:
         raise SystemExit("error: the page did not load cleanly:\n  " + "\n  ".join(bad + state["errors"]))
