@@ -36,7 +36,17 @@ def build_method(cfg: DictConfig, spec: DataSpec) -> VideoGenerator:
 
     cls = METHODS[cfg.method.name]
     method_cfg = OmegaConf.to_object(cfg.method)  # the method's own dataclass, fully typed
-    return cls(method_cfg, spec)
+    method = cls(method_cfg, spec)
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("channels_last"):
+        from methods.speed import to_channels_last
+
+        to_channels_last(method)
+    if trainer.get("attention"):
+        from methods.speed import set_attention_kernel
+
+        set_attention_kernel(trainer.get("attention"))
+    return method
 
 
 def real_conditioning(dm: VideoDataModule, n: int, split: str = "val", first_frame: bool = False,

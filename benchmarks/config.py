@@ -34,9 +34,10 @@ SELECTORS = ("method", "dataset", "scale")
 # resumed run may change them. Every other key defines the result.
 HOW_KEYS = ("run_dir", "runs_root", "results", "cache_dir", "tag", "trainer.progress_bar", "trainer.log_every_n_steps",
             "trainer.checkpoint_every_n_steps", "data.num_workers", "data.pin_memory", "eval.cache_real_stats")
-# Keys added after results were stored: left out of the config hash while unset (None), so the hashes of
-# configs written before them (done sweep jobs, finished runs) stay what they were.
-UNSET_IS_ABSENT = ("trainer.time_budget",)
+# Keys added after results were stored, with their defaults: left out of the config hash while at their
+# default, so the hashes of configs written before them (done sweep jobs, finished runs) stay what they were.
+ABSENT_AT_DEFAULT = {"trainer.time_budget": None, "trainer.compile": False, "trainer.channels_last": False,
+                     "trainer.attention": "auto"}
 
 
 class ConfigError(ValueError):
@@ -46,7 +47,10 @@ class ConfigError(ValueError):
 @dataclass
 class TrainerConfig:
     max_steps: int = 300  # optimiser steps per stage (a stage may override it under `stages`)
-    precision: str = "bf16-mixed"  # measured fastest on CPUs with bf16 units; "32-true" for exactness
+    # "auto": bf16-mixed where bf16 matmuls are native (CUDA with bf16, a CPU with AMX / AVX512-BF16 units:
+    # measured 1.6-2.6x faster per step), else 32-true (an AVX2-only CPU runs bf16 ~150x slower); resolved
+    # by load_config, so the saved config and the results row hold the precision that ran
+    precision: str = "auto"
     accelerator: str = "auto"
     devices: Any = 1  # int or "auto"; >1 with strategy=ddp for multi-process training
     num_nodes: int = 1
@@ -60,6 +64,12 @@ class TrainerConfig:
     # seconds of training for the whole run, every stage together (an equal-budget race: benchmarks.race); the
     # stages share it in proportion to their preset steps x measured s/step and stop on time (benchmarks.run)
     time_budget: float | None = None
+    # speed options (methods.speed; measured per method by benchmarks.speedups): torch.compile (inductor) of the
+    # networks each stage's loss and the sampler call, conv weights in channels-last layout, and the attention
+    # kernel of the transformers on CPU (auto | math | fused)
+    compile: bool = False
+    channels_last: bool = False
+    attention: str = "auto"
 
 
 @dataclass
@@ -226,7 +236,25 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     if unknown_stages:
         raise ConfigError(f"stages.{sorted(unknown_stages)[0]}: method {method!r} has no such stage; "
                           f"its stages are {list(METHODS[method].stages)}")
+    if cfg.trainer.precision == "auto":
+        cfg.trainer.precision = resolve_precision(cfg.trainer.accelerator)
+    from methods.speed import ATTENTION_KERNELS
+
+    if cfg.trainer.attention not in ATTENTION_KERNELS:
+        near = difflib.get_close_matches(str(cfg.trainer.attention), ATTENTION_KERNELS, n=1, cutoff=0.5)
+        raise ConfigError(f"unknown trainer.attention {cfg.trainer.attention!r}; "
+                          + (f"did you mean {near[0]!r}? " if near else "") + f"choose one of: {', '.join(ATTENTION_KERNELS)}")
     return cfg
+
+
+def resolve_precision(accelerator: str = "auto") -> str:
+    """What trainer.precision=auto means on this machine: bf16-mixed where bf16 is native, else 32-true."""
+    import torch
+
+    from benchmarks.machine import fast_bf16
+
+    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if fast_bf16("cuda" if cuda else "cpu") else "32-true"
 
 
 def merge_overrides(cfg: DictConfig, overrides: DictConfig | list[str], source: str) -> DictConfig:
@@ -239,7 +267,10 @@ def merge_overrides(cfg: DictConfig, overrides: DictConfig | list[str], source: 
             overrides = OmegaConf.from_dotlist(overrides)
         except Exception as e:  # malformed dotlist entries
             raise ConfigError(f"could not parse overrides {overrides} ({source}): {e}") from None
-    return _merge(cfg, overrides, source)
+    cfg = _merge(cfg, overrides, source)
+    if cfg.get("trainer") is not None and cfg.trainer.get("precision") == "auto":
+        cfg.trainer.precision = resolve_precision(cfg.trainer.accelerator)
+    return cfg
 
 
 def to_container(cfg: DictConfig) -> dict:
@@ -262,7 +293,7 @@ def without_keys(d: dict, dotted: tuple[str, ...]) -> dict:
 def config_hash(cfg: DictConfig | dict, exclude: tuple[str, ...] = HOW_KEYS) -> str:
     """sha256 of the config that determines a result (paths, labels and progress settings left out)."""
     d = cfg if isinstance(cfg, dict) else to_container(cfg)
-    unset = tuple(k for k in UNSET_IS_ABSENT if _dotted(d, k) is None)
+    unset = tuple(k for k, default in ABSENT_AT_DEFAULT.items() if _dotted(d, k) == default)
     d = without_keys(d, exclude + unset)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 

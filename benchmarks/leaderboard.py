@@ -59,8 +59,10 @@ PROTOCOL_FIELDS = tuple(dict.fromkeys(COMMON_PROTOCOL + sum(METRIC_PROTOCOL.valu
 COST_FIELDS = {"seconds": "sample_seconds_per_video", "gflops": "gflops_per_video", "params": "params"}
 # Config keys that never change a result (paths, labels) and the seed (aggregated over).
 NOT_A_SETTING = ("run_dir", "runs_root", "results", "tag", "cache_dir", "seed")
-# Config keys added later, equal to absent while unset (benchmarks.config.UNSET_IS_ABSENT; not imported: it imports torch)
-UNSET_IS_ABSENT = ("trainer.time_budget",)
+# Config keys added later, equal to absent while at their default (benchmarks.config.ABSENT_AT_DEFAULT; not
+# imported: it imports torch)
+ABSENT_AT_DEFAULT = {"trainer.time_budget": None, "trainer.compile": False, "trainer.channels_last": False,
+                     "trainer.attention": "auto"}
 ABSENT = "<absent>"  # CSV cell of a field this run does not have (an empty cell is None)
 FRONT = ("method", "dataset", "scale", "tag", "seed", *METRICS, "is_std", "params", "train_seconds",
          "sample_seconds_per_video", "gflops_per_video", "config_sha256")
@@ -180,7 +182,7 @@ def settings(row: dict) -> dict:
         cfg = {k: row.get(k) for k in ("method", "dataset", "scale", "steps", "guidance", "sampler", "ema_decay",
                                        "precision", "resolution", "frames")}
     flat = flatten({k: v for k, v in cfg.items() if k not in NOT_A_SETTING})
-    return {k: v for k, v in flat.items() if not (k in UNSET_IS_ABSENT and v is None)}
+    return {k: v for k, v in flat.items() if not (k in ABSENT_AT_DEFAULT and v == ABSENT_AT_DEFAULT[k])}
 
 
 def row_task(row: dict) -> str | None:

@@ -9,8 +9,10 @@ keeps `machine_note()` so a time can be read against the speed of the machine th
 
 What is measured: C = A @ B for square n x n matrices (n = 2048 by default), 2 n^3 FLOPs each; one
 untimed warm-up, then timed repeats until the time budget is spent (at least `min_repeats`);
-the best repeat counts (the least disturbed by other processes: a peak, not a mean). bf16 is the
-precision the CPU presets train in (`trainer.precision=bf16-mixed`); fp32 is for reference.
+the best repeat counts (the least disturbed by other processes: a peak, not a mean); where one such
+product would take more than a quarter of the budget (bf16 on a CPU without bf16 units), n is halved
+until it fits. bf16 is the precision the CPU presets train in where the CPU has bf16 units
+(`trainer.precision=auto`: `fast_bf16()`); fp32 where it has not.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def matmul_gflops(dtype: torch.dtype, n: int | None = None, seconds_budget: floa
     One warm-up product is not timed; timed products repeat while the budget (warm-up included)
     lasts, at least `min_repeats` and at most `max_repeats` of them.
     """
-    n = n or SIZE
     device = torch.device(device)
+    n = n or probe_size(dtype, seconds_budget, device)
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
@@ -56,6 +58,41 @@ def matmul_gflops(dtype: torch.dtype, n: int | None = None, seconds_budget: floa
         best = min(best, time.perf_counter() - t0)
         done += 1
     return 2 * n**3 / best / 1e9
+
+
+def probe_size(dtype: torch.dtype, seconds_budget: float, device: torch.device, start: int = 256) -> int:
+    """SIZE, or a smaller power of two where one SIZE product would take more than a quarter of the budget.
+
+    A CPU without bf16 units (AVX2 only) multiplies bf16 matrices ~150x slower than fp32: one 2048^2
+    product takes ~17 s there, so the probe first times a `start`^2 product and scales n down to fit.
+    """
+    a = torch.ones(start, start, device=device, dtype=dtype)
+    torch.matmul(a, a)  # kernel selection
+    t0 = time.perf_counter()
+    torch.matmul(a, a)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    per = max(time.perf_counter() - t0, 1e-9)
+    n = start
+    while n < SIZE and per * (2 * n / start) ** 3 <= seconds_budget / 4:
+        n *= 2
+    return n
+
+
+def fast_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 matrix products are native here: CUDA with bf16, or a CPU with AMX or AVX512-BF16 units.
+
+    Where they are not, autocast to bf16 makes training slower, not faster (measured on an AVX2-only AMD
+    EPYC: bf16 matmul 1 GFLOP/s against 147 in fp32), so `trainer.precision=auto` picks 32-true there.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if all(c is not None for c in checks):
+        return any(c() for c in checks)
+    # a torch without the capability queries: measure (bf16 at least as fast as fp32 on a small product)
+    return matmul_gflops(torch.bfloat16, 256, 0.05) >= matmul_gflops(torch.float32, 256, 0.05)
 
 
 def bf16_matmul_gflops(seconds_budget: float = 2.0, n: int | None = None) -> float:
@@ -92,7 +129,8 @@ def machine_note(seconds_budget: float = 2.5, n: int | None = None) -> dict:
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "probe": f"{n or SIZE}^2 matmul, best repeat",
+        "probe": f"{n}^2 matmul, best repeat" if n else f"square matmul (n <= {SIZE}, fitted to the budget), best repeat",
+        "fast_bf16": fast_bf16(),
     }
 
 

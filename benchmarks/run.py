@@ -285,7 +285,8 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
             method.on_stage_start(stage)
         L.seed_everything(cfg.seed + 1000 * method.stages.index(stage), workers=True, verbose=False)
         system = StageSystem(method, stage, lr=settings["lr"], betas=tuple(settings["betas"]),
-                             weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps)
+                             weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
+                             compile=bool(cfg.trainer.compile))
         timer, allowance = None, None
         if budget:
             todo = [s for s in method.stages[method.stages.index(stage):] if not folder.stage_done(s)]
@@ -355,6 +356,20 @@ def _usable_checkpoint(path: Path) -> Path:
         os.replace(path, bad)
         warnings.warn(f"{path} is not a complete checkpoint (interrupted write?); moved to {bad}", stacklevel=2)
     return path
+
+
+def compile_sampler(cfg: DictConfig, method, dm) -> list[str]:
+    """torch.compile the networks `method.sample` calls (found by a one-step sample of one video)."""
+    from methods.speed import compile_called
+
+    cond = real_conditioning(dm, 1, "val", first_frame=method.image_to_video).to(method.device)
+    method.eval()
+    with torch.no_grad(), torch.autocast(method.device.type, dtype=torch.bfloat16,
+                                         enabled=cfg.trainer.precision.startswith("bf16")):
+        roots = compile_called(method, lambda: method.sample(1, cond, steps=1, guidance=cfg.sample.guidance,
+                                                               eta=cfg.sample.eta))
+    print(f"trainer.compile: compiled {', '.join(roots)} for sampling")
+    return roots
 
 
 def sample_videos(cfg: DictConfig, method, dm, n: int, seed: int) -> tuple[torch.Tensor, object, float]:
@@ -532,6 +547,8 @@ def main(argv: list[str] | None = None) -> dict:
             folder.update_state(failed=f"{e} {kept}")
         raise SystemExit(f"error: {e} {kept} No row was stored.") from None
     _check_finite(method, "before sampling")
+    if cfg.trainer.compile:
+        compile_sampler(cfg, method, dm)
 
     metrics: dict = {}
     sample_seconds, check = None, None
@@ -550,7 +567,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = evaluate_run(cfg, method, dm, folder.path)
     wall = time.perf_counter() - t_start
     row = results_row(cfg, method, dm, stages, metrics, sample_seconds, wall, folder.path)
-    row.update(machine_fields(machine, row["train_seconds"]))
+    row.update(machine_fields(machine, row["train_seconds"], cfg.trainer.precision))
     if check is not None:
         row.update(status=check["status"], flags=check["flags"], sample_check=check)
     row["resumed"] = resumed
@@ -605,7 +622,7 @@ def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wa
     }
 
 
-def machine_fields(machine: dict, train_seconds: float) -> dict:
+def machine_fields(machine: dict, train_seconds: float, precision: str = "bf16-mixed") -> dict:
     """The machine note and the training time normalised to a reference machine's bf16 matmul speed.
 
     `train_seconds_ref` = train_seconds x (this machine's GFLOP/s / REFERENCE_BF16_GFLOPS): the seconds the
@@ -614,8 +631,9 @@ def machine_fields(machine: dict, train_seconds: float) -> dict:
     from one machine under different loads, compare on it.
     """
     gflops = machine.get("bf16_matmul_gflops") or 0.0
+    bf16 = str(precision).startswith("bf16")  # the reference is a bf16 speed: an fp32 run is not scaled by it
     return {"machine": machine, "bf16_matmul_gflops": gflops,
-            "train_seconds_ref": train_seconds * gflops / REFERENCE_BF16_GFLOPS if gflops > 0 else None}
+            "train_seconds_ref": train_seconds * gflops / REFERENCE_BF16_GFLOPS if gflops > 0 and bf16 else None}
 
 
 def summary_line(row: dict) -> str:

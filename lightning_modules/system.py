@@ -30,7 +30,7 @@ class StageSystem(L.LightningModule):
     """
 
     def __init__(self, method: VideoGenerator, stage: str, *, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 weight_decay: float = 0.0, warmup_steps: int = 0) -> None:
+                 weight_decay: float = 0.0, warmup_steps: int = 0, compile: bool = False) -> None:
         super().__init__()
         method.check_stage(stage)
         self.method = method
@@ -41,6 +41,8 @@ class StageSystem(L.LightningModule):
             raise ValueError(f"stage {stage!r} of {type(method).__name__} has no parameters to train")
         for p in method.parameters():
             p.requires_grad_(id(p) in trainable)
+        self.compile = compile  # torch.compile the networks the loss calls, at the first step (methods.speed)
+        self.compiled: list[str] | None = None
         self.prior_seconds = 0.0  # training seconds of earlier attempts (restored from the checkpoint)
         self._started: float | None = None
 
@@ -86,6 +88,11 @@ class StageSystem(L.LightningModule):
     # --- the step ----------------------------------------------------------------------------------
 
     def training_step(self, batch: VideoBatch, batch_idx: int) -> torch.Tensor:
+        if self.compile and self.compiled is None:
+            from methods.speed import compile_called
+
+            with torch.no_grad():  # one forward finds the networks the loss calls
+                self.compiled = compile_called(self.method, lambda: self.method.loss(self.stage, batch))
         out = self.method.loss(self.stage, batch)
         if not torch.isfinite(out["loss"].detach()).all():
             raise self._diverged(f"the loss is {float(out['loss'].detach())}")

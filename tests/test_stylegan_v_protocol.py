@@ -80,7 +80,9 @@ REFERENCE_CLIPS = {
         ("v_basket_g2_c2", 0),
     ],
 }
-REL_TOL = 1e-6
+# The features are fp32 network outputs whose last bits depend on the CPU's BLAS path (AVX2 vs AVX-512), and an
+# FVD this small is a difference of near-equal terms: an AVX2-only machine gave 1.3e-6 relative for stride 2.
+REL_TOL = 1e-5
 
 # ------------------------------------------------------------------------------------ fixed inputs
 

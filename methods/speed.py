@@ -1,0 +1,99 @@
+"""Speed options that change how a network computes, not what it computes (up to float rounding).
+
+- `compile_called(model, fn)`: `torch.compile` (inductor) of the outermost submodules that `fn()` calls.
+  Which modules a method's loss or sampler calls is found by running it once with forward hooks, so the
+  same switch works for every method: CMD's loss calls `autoencoder.encoder` through `encode()`, never
+  `autoencoder` itself, and compiling a module whose `forward` is never called does nothing.
+  Modules are compiled in place (`nn.Module.compile`), so parameter names and checkpoints are unchanged.
+- `to_channels_last(model)`: conv weights in channels-last layout (2D: `channels_last`, 3D:
+  `channels_last_3d`); oneDNN then runs those convolutions, and the ops after them, in NHWC.
+- `attention_kernel(kind)`: the kernel of `methods.nets.transformer.Attention` on CPU: `math` (the plain
+  softmax(QK^T)V, the measured default for the short sequences of the tiny presets), `fused`
+  (`scaled_dot_product_attention`, which picks PyTorch's flash kernel on CPU) or `auto` (fused on
+  CUDA, math on CPU). The UNets' `nn.MultiheadAttention` always uses the fused kernel.
+
+benchmarks.speedups measures each against the default per method and stage, compile time included;
+`trainer.compile`, `trainer.channels_last` and `trainer.attention` switch them on in a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+ATTENTION_KERNELS = ("auto", "math", "fused")
+
+
+def set_attention_kernel(kind: str) -> str:
+    """Sets the attention kernel of every `transformer.Attention`; returns the previous one."""
+    from methods.nets import transformer
+
+    if kind not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {kind!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
+    previous, transformer.ATTENTION_KERNEL = transformer.ATTENTION_KERNEL, kind
+    return previous
+
+
+@contextmanager
+def attention_kernel(kind: str):
+    previous = set_attention_kernel(kind)
+    try:
+        yield
+    finally:
+        set_attention_kernel(previous)
+
+
+def called_roots(model: nn.Module, fn: Callable[[], object]) -> list[str]:
+    """Names of the outermost submodules of `model` whose forward `fn()` calls (no ancestor of one is called).
+
+    `model` itself is never a root: a method's `loss` and `sample` are not its `forward`.
+    """
+    names = {id(m): n for n, m in model.named_modules() if n}
+    called: list[str] = []
+
+    def hook(module, args):
+        name = names.get(id(module))
+        if name is not None and name not in called:
+            called.append(name)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    seen = set(called)
+    return [n for n in called if not any(".".join(n.split(".")[:i]) in seen for i in range(1, n.count(".") + 1))]
+
+
+def compile_called(model: nn.Module, fn: Callable[[], object], **options) -> list[str]:
+    """Compiles, in place, the outermost submodules that `fn()` calls; returns their names.
+
+    Modules compiled already are left as they are (a second call adds only the new roots: the
+    sampler's decoder after the training stages' networks, say).
+    """
+    roots = called_roots(model, fn)
+    for name in roots:
+        module = model.get_submodule(name)
+        if getattr(module, "_compiled_call_impl", None) is None:
+            module.compile(**options)
+    return roots
+
+
+def is_compiled(module: nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def to_channels_last(model: nn.Module) -> int:
+    """Puts every Conv2d / Conv3d weight in channels-last layout, in place; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+            n += 1
+        elif isinstance(m, nn.Conv3d | nn.ConvTranspose3d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            n += 1
+    return n

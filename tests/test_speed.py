@@ -1,0 +1,182 @@
+"""Speed options (methods.speed): same numbers as the default path, wired into the config and the benchmark."""
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import speedups
+from benchmarks.common import build_datamodule, build_method, data_spec
+from benchmarks.config import ConfigError, config_hash, load_config
+from methods.base import VideoBatch
+from methods.nets import transformer
+from methods.speed import attention_kernel, called_roots, compile_called, is_compiled, set_attention_kernel, to_channels_last
+
+
+class Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class Outer(nn.Module):
+    """`run` calls `inner` through a helper and `head` directly, never `unused` or its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head, self.unused = Inner(), nn.Linear(4, 2), nn.Linear(4, 4)
+
+    def encode(self, x):
+        return self.inner(x)
+
+    def run(self, x):
+        return self.head(self.encode(x))
+
+
+def test_called_roots_are_the_outermost_called_modules_in_call_order():
+    m = Outer()
+    assert called_roots(m, lambda: m.run(torch.randn(3, 4))) == ["inner", "head"]  # not inner.a / inner.b, not unused
+    assert called_roots(m, lambda: m.inner.b(torch.randn(3, 8))) == ["inner.b"]
+    assert called_roots(m, lambda: None) == []
+
+
+def test_compile_called_compiles_in_place_and_keeps_outputs_and_names():
+    torch.manual_seed(0)
+    m, x = Outer(), torch.randn(5, 4)
+    want, keys = m.run(x), list(m.state_dict())
+    roots = compile_called(m, lambda: m.run(x), backend="eager")  # the wiring; inductor is checked below
+    assert roots == ["inner", "head"] and is_compiled(m.inner) and is_compiled(m.head) and not is_compiled(m.unused)
+    assert list(m.state_dict()) == keys  # checkpoints unchanged: no `_orig_mod.` prefix
+    torch.testing.assert_close(m.run(x), want)
+    assert compile_called(m, lambda: m.run(x), backend="eager") == roots  # a second call compiles nothing twice
+
+
+def test_inductor_compiled_network_matches_eager_forward_and_backward():
+    torch.manual_seed(0)
+    m, x = Outer(), torch.randn(6, 4)
+    ref = Outer()
+    ref.load_state_dict(m.state_dict())
+    compile_called(m, lambda: m.run(x))
+    out, want = m.run(x), ref.run(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(m.inner.a.weight.grad, ref.inner.a.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_changes_the_layout_not_the_result():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 4, 1))
+    net3 = nn.Conv3d(3, 4, 3, padding=1)
+    x, x3 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 4, 8, 8)
+    want, want3 = net(x), net3(x3)
+    assert to_channels_last(net) == 2 and to_channels_last(net3) == 1
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert net3.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net3(x3), want3, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_method_gives_the_same_loss():
+    cfg = load_config(["method=vdm", "scale=test"])
+    dm = build_datamodule(cfg)
+    spec = data_spec(cfg, dm)
+    torch.manual_seed(0)
+    plain = build_method(cfg, spec)
+    torch.manual_seed(0)
+    fast = build_method(load_config(["method=vdm", "scale=test", "trainer.channels_last=true"]), spec)
+    convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    video = torch.rand(2, *spec.video_shape) * 2 - 1
+    batch = VideoBatch(video=video, label=torch.tensor([0, 1]))
+    torch.manual_seed(1)
+    a = plain.loss("denoiser", batch)["loss"]
+    torch.manual_seed(1)
+    b = fast.loss("denoiser", batch)["loss"]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["math", "fused"])
+def test_attention_kernels_agree(kind):
+    torch.manual_seed(0)
+    attn, x = transformer.Attention(32, 4), torch.randn(3, 10, 32)
+    with attention_kernel("math"):
+        want = attn(x)
+    with attention_kernel(kind):
+        torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-5)
+    assert transformer.ATTENTION_KERNEL == "auto"  # restored
+    with pytest.raises(ValueError, match="choose one of"):
+        set_attention_kernel("flash")
+
+
+def test_speed_keys_are_checked_and_absent_from_the_hash_at_their_defaults():
+    with pytest.raises(ConfigError, match="did you mean 'fused'"):
+        load_config(["method=vdm", "scale=test", "trainer.attention=fusd"])
+    with pytest.raises(ConfigError, match="trainer.compile"):
+        load_config(["method=vdm", "scale=test", "trainer.compile=maybe"])
+    cfg = load_config(["method=vdm", "scale=test"])
+    explicit = load_config(["method=vdm", "scale=test", "trainer.compile=false", "trainer.attention=auto"])
+    assert config_hash(cfg) == config_hash(explicit)
+    # a config stored before the keys existed hashes as it did
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.to_container(cfg)
+    for k in ("compile", "channels_last", "attention"):
+        del old["trainer"][k]
+    assert config_hash(old) == config_hash(cfg)
+    assert config_hash(load_config(["method=vdm", "scale=test", "trainer.channels_last=true"])) != config_hash(cfg)
+
+
+def test_speedups_benchmark_compares_each_option_with_the_default(tmp_path):
+    rows = speedups.main(["methods=cmd", "options=channels_last,attention=fused", "steps=1", "scale=test",
+                          "sample.steps=2", f"out={tmp_path}"])
+    parts = {r["part"] for r in rows}
+    assert parts == {"train:image_prior", "train:autoencoder", "train:content", "train:motion", "sample"}
+    assert {r["option"] for r in rows} == {"default", "channels_last", "attention=fused"}
+    for r in rows:
+        assert r["seconds"] > 0 and r["first_seconds"] > 0
+        if r["option"] != "default":
+            assert r["speedup"] > 0 and isinstance(r["wins_over_run"], bool)
+    with open(tmp_path / "speedups.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    with pytest.raises(SystemExit, match="trainer.attention"):
+        speedups.main(["methods=vdm", "options=attention=flashy", "scale=test", f"out={tmp_path}"])
+
+
+@pytest.mark.parametrize("native, want", [(True, "bf16-mixed"), (False, "32-true")])
+def test_precision_auto_is_bf16_only_where_bf16_is_native(monkeypatch, native, want):
+    from benchmarks import machine
+
+    monkeypatch.setattr(machine, "fast_bf16", lambda device="cpu": native)
+    cfg = load_config(["method=cmd", "scale=tiny"])
+    assert cfg.trainer.precision == want  # resolved: the saved config and the row say what ran
+    assert load_config(["method=cmd", "scale=tiny", "trainer.precision=bf16-mixed"]).trainer.precision == "bf16-mixed"
+    assert load_config(["method=cmd", "scale=test"]).trainer.precision == "32-true"
+    if native:  # on a bf16 machine the resolved config hashes as the explicit one did before `auto` existed
+        assert config_hash(cfg) == config_hash(load_config(["method=cmd", "scale=tiny", "trainer.precision=bf16-mixed"]))
+
+
+def test_fast_bf16_agrees_with_a_measurement():
+    """Native bf16 units multiply bf16 faster than fp32 (AMX: ~7x); without them bf16 is far slower (AVX2: ~150x)."""
+    from benchmarks import machine
+
+    ratio = machine.matmul_gflops(torch.bfloat16, 512, 0.2) / machine.matmul_gflops(torch.float32, 512, 0.2)
+    assert machine.fast_bf16() == (ratio > 0.8), ratio
+
+
+def test_probe_size_shrinks_where_one_product_would_not_fit(monkeypatch):
+    from benchmarks import machine
+
+    def size(per_256: float, budget: float) -> int:
+        clock = iter([0.0, per_256])  # the timed 256^2 product
+        monkeypatch.setattr(machine.time, "perf_counter", lambda: next(clock))
+        return machine.probe_size(torch.float32, budget, torch.device("cpu"))
+
+    assert size(1.0, 2.0) == 256  # even 256^2 is slow: the smallest size
+    assert size(1e-3, 1.0) == 1024  # 512^2: 8 ms, 1024^2: 64 ms, 2048^2: 0.5 s > 1 s / 4
+    assert size(1e-3, 3.0) == machine.SIZE
+    assert size(1e-6, 100.0) == machine.SIZE  # never above SIZE
