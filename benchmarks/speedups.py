@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     note = machine_note(2.5)
     out = Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "machine.json", json.dumps(note, indent=1))  # first: a stopped run keeps it
     rows: list[dict] = []
     parts = sum(len(METHODS[m].stages) + int(opts["sample"]) for m in methods)
     with tqdm(total=parts, desc="speedups", unit="part") as bar:
@@ -316,7 +317,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append({"method": m, "part": "", "option": "", "error": f"{type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else ''}"})
             write_csv(out / "speedups.csv", rows)  # after every method: a long run keeps what it measured
-    atomic_write_text(out / "machine.json", json.dumps(note, indent=1))
     print(markdown(rows, note))
     print(f"wrote {out}/speedups.csv, machine.json ({time.perf_counter() - t0:.0f} s)")
     return rows
