@@ -143,6 +143,25 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
+def _error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _first_calls(arms: list, fns: list, arg) -> tuple[list[float | None], dict[str, str]]:
+    """Times each arm's first call; an option whose first call raises (a compiler error, say) is left out of
+    this part with its error, and the other arms go on. The default arm failing fails the part."""
+    first, failed = [], {}
+    for arm, fn in zip(arms, fns, strict=True):
+        try:
+            first.append(_timed(fn, arg))
+        except Exception as e:  # noqa: BLE001 - one option's failure must not lose the other arms
+            if arm.label == "default":
+                raise
+            first.append(None)
+            failed[arm.label] = _error_text(e)
+    return first, failed
+
+
 def measure_method(name: str, options: list[str], overrides: list[str], steps: int, sample: bool,
                    progress=None) -> list[dict]:
     """Rows (one per part and arm) for one method; the default arm's rows have option 'default'."""
@@ -151,6 +170,10 @@ def measure_method(name: str, options: list[str], overrides: list[str], steps: i
     from benchmarks.common import build_datamodule, build_method, data_spec, real_conditioning
     from benchmarks.config import load_config, stage_settings
 
+    # A fresh compiler cache per method, as in a run of its own: the methods share network classes, so a cache
+    # carried over from the previous method recompiles the same code at new shapes until dynamo switches to
+    # dynamic shapes, which failed inductor on four of the six methods here (torch 2.13, bf16 autocast).
+    torch._dynamo.reset()
     base_cfg = load_config([f"method={name}", *overrides])
     cfgs = {"default": base_cfg, **{o: load_config([f"method={name}", *overrides, option_override(o)]) for o in options}}
     device = torch.device("cuda" if torch.cuda.is_available() and base_cfg.trainer.accelerator in ("auto", "gpu", "cuda")
@@ -179,13 +202,18 @@ def measure_method(name: str, options: list[str], overrides: list[str], steps: i
         batches = iter(loader)
         fns = [arm.train_step_fn(stage) for arm in arms]
         batch = next(batches).to(device)
-        first = [_timed(fn, batch) for fn in fns]
+        first, failed = _first_calls(arms, fns, batch)
+        rows += [{**common, "part": f"train:{stage}", "kind": "train", "option": label, "error": err}
+                 for label, err in failed.items()]
         times: list[list[float]] = [[] for _ in arms]
         for _ in range(steps):
             batch = next(batches).to(device)
             for i, fn in enumerate(fns):
-                times[i].append(_timed(fn, batch))
+                if arms[i].label not in failed:
+                    times[i].append(_timed(fn, batch))
         for arm, f, ts in zip(arms, first, times, strict=True):
+            if arm.label in failed:
+                continue
             rows.append({**common, "part": f"train:{stage}", "kind": "train", "option": arm.label,
                          "batch_size": settings["batch_size"], "seconds": statistics.median(ts), "best_seconds": min(ts),
                          "first_seconds": f, "repeats": steps, "run_steps": settings["max_steps"]})
@@ -200,14 +228,19 @@ def measure_method(name: str, options: list[str], overrides: list[str], steps: i
         bs = base_cfg.sample.batch_size
         cond = real_conditioning(dm, bs, "val", first_frame=arms[0].method.image_to_video).to(device)
         fns = [arm.sample_fn(cond) for arm in arms]
-        first = [_timed(fn, 1) for fn in fns]
+        first, failed = _first_calls(arms, fns, 1)
+        rows += [{**common, "part": "sample", "kind": "sample", "option": label, "error": err}
+                 for label, err in failed.items()]
         reps = max(1, min(2, steps))
         times = [[] for _ in arms]
         for _ in range(reps):
             for i, fn in enumerate(fns):
-                times[i].append(_timed(fn, base_cfg.sample.steps))
+                if arms[i].label not in failed:
+                    times[i].append(_timed(fn, base_cfg.sample.steps))
         calls = math.ceil(base_cfg.sample.num_videos / bs) + math.ceil(base_cfg.eval.num_samples / bs)
         for arm, f, ts in zip(arms, first, times, strict=True):
+            if arm.label in failed:
+                continue
             rows.append({**common, "part": "sample", "kind": "sample", "option": arm.label, "batch_size": bs,
                          "seconds": statistics.median(ts), "best_seconds": min(ts), "first_seconds": f, "repeats": reps,
                          "run_steps": calls, "sample_steps": base_cfg.sample.steps})
@@ -221,7 +254,7 @@ def with_verdicts(rows: list[dict]) -> list[dict]:
     base = {(r["method"], r["part"]): r for r in rows if r["option"] == "default"}
     for r in rows:
         b = base.get((r["method"], r["part"]))
-        if b is None or r["option"] == "default":
+        if b is None or r["option"] == "default" or "error" in r:
             continue
         saved = b["seconds"] - r["seconds"]  # per step (per sample call)
         overhead = max(0.0, r["first_seconds"] - b["first_seconds"])
@@ -253,21 +286,25 @@ def markdown(rows: list[dict], note: dict) -> str:
              "default run of the part, overhead included (negative: it loses).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by_part: dict[tuple, dict] = {}
+    failed_methods = []
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['method']} | error: {r['error'][:120]} |" + " |" * (len(head) - 2))
+        if "error" in r and not r.get("part"):  # the whole method failed
+            failed_methods.append(f"| {r['method']} | error: {r['error'][:120]} |" + " |" * (len(head) - 2))
             continue
         by_part.setdefault((r["method"], r["part"]), {})[r["option"]] = r
     for (m, part), arms in by_part.items():
         d = arms.get("default")
-        label = part if not part == "sample" else f"sample ({d['batch_size']} videos, {d.get('sample_steps')} steps)"
+        label = part if not (part == "sample" and d) else f"sample ({d['batch_size']} videos, {d.get('sample_steps')} steps)"
         cells = [m, label, _g(d["seconds"]) if d else ""]
         for o in options:
             r = arms.get(o)
-            cells.append("" if r is None or r.get("speedup") is None else
-                         f"{r['speedup']:.2f}x ({r['overhead_seconds']:.0f} s, {r['run_seconds_saved']:+.0f} s)")
+            if r is not None and "error" in r:
+                cells.append(f"failed: {r['error'][:80]}")
+            else:
+                cells.append("" if r is None or r.get("speedup") is None else
+                             f"{r['speedup']:.2f}x ({r['overhead_seconds']:.0f} s, {r['run_seconds_saved']:+.0f} s)")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + failed_methods) + "\n"
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -314,8 +351,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             try:
                 rows += measure_method(m, opts["options"], rest, opts["steps"], opts["sample"], bar)
             except Exception as e:  # noqa: BLE001 - one method's failure must not lose the others
-                rows.append({"method": m, "part": "", "option": "", "error": f"{type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''}"})
+                rows.append({"method": m, "part": "", "option": "", "error": _error_text(e)})
             write_csv(out / "speedups.csv", rows)  # after every method: a long run keeps what it measured
     print(markdown(rows, note))
     print(f"wrote {out}/speedups.csv, machine.json ({time.perf_counter() - t0:.0f} s)")

@@ -147,6 +147,28 @@ def test_speedups_benchmark_compares_each_option_with_the_default(tmp_path):
         speedups.main(["methods=vdm", "options=attention=flashy", "scale=test", f"out={tmp_path}"])
 
 
+def test_speedups_records_an_option_that_fails_and_measures_the_rest(tmp_path, monkeypatch):
+    """A compiler error in one arm (ED-VDM under inductor's dynamic shapes did this) is that option's row, not
+    the method's: the default and the other options are still measured."""
+    import methods.speed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor says no\nsecond line")
+
+    monkeypatch.setattr(methods.speed, "compile_called", broken)
+    rows = speedups.main(["methods=vdm", "options=compile,channels_last", "steps=1", "scale=test", "sample.steps=2",
+                          f"out={tmp_path}"])
+    failed = [r for r in rows if "error" in r]
+    assert {(r["part"], r["option"]) for r in failed} == {("train:denoiser", "compile"), ("sample", "compile")}
+    assert all(r["error"] == "RuntimeError: inductor says no" for r in failed)
+    ok = [r for r in rows if "error" not in r]
+    assert {(r["part"], r["option"]) for r in ok} == {(p, o) for p in ("train:denoiser", "sample")
+                                                      for o in ("default", "channels_last")}
+    assert all(r["seconds"] > 0 for r in ok) and all(r["speedup"] > 0 for r in ok if r["option"] != "default")
+    table = speedups.markdown(rows, {"bf16_matmul_gflops": 1.0, "cpu_model": "x", "threads": 1})
+    assert table.count("failed: RuntimeError: inductor says no") == 2
+
+
 @pytest.mark.parametrize("native, want", [(True, "bf16-mixed"), (False, "32-true")])
 def test_precision_auto_is_bf16_only_where_bf16_is_native(monkeypatch, native, want):
     from benchmarks import machine
