@@ -9,7 +9,8 @@ override applied to every arm (scale=tiny, sample.steps=10, ...).
 
 Per method and per part (each training stage, then sampling), one instance of the method per arm (the
 default, and the default with one option switched on), built from the same seed. The arms take turns:
-every round times one step of each arm on the same batch, so a noisy machine slows all arms alike.
+every round times one step of each arm on the same batch, so a noisy machine slows all arms alike, in an
+order that rotates from round to round (since 2026-12-02; the README's rows of that day ran in a fixed order).
 - training: forward + backward of `method.loss(stage, batch)` under the run's autocast, gradient
   clipping, AdamW (as benchmarks.utilisation times it; the data wait is left out, the same for every arm).
   The first step of each arm is timed on its own: for `compile` it holds the compilation
@@ -143,6 +144,12 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
+def _round_order(n: int, k: int) -> list[int]:
+    """Arm indices of round k: the order rotates each round, so no arm always runs first (right after the batch
+    is rendered) or last."""
+    return [(i + k) % n for i in range(n)]
+
+
 def _error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
@@ -206,9 +213,10 @@ def measure_method(name: str, options: list[str], overrides: list[str], steps: i
         rows += [{**common, "part": f"train:{stage}", "kind": "train", "option": label, "error": err}
                  for label, err in failed.items()]
         times: list[list[float]] = [[] for _ in arms]
-        for _ in range(steps):
+        for k in range(steps):
             batch = next(batches).to(device)
-            for i, fn in enumerate(fns):
+            for i in _round_order(len(arms), k):
+                fn = fns[i]
                 if arms[i].label not in failed:
                     times[i].append(_timed(fn, batch))
         for arm, f, ts in zip(arms, first, times, strict=True):
@@ -233,8 +241,9 @@ def measure_method(name: str, options: list[str], overrides: list[str], steps: i
                  for label, err in failed.items()]
         reps = max(1, min(2, steps))
         times = [[] for _ in arms]
-        for _ in range(reps):
-            for i, fn in enumerate(fns):
+        for k in range(reps):
+            for i in _round_order(len(arms), k):
+                fn = fns[i]
                 if arms[i].label not in failed:
                     times[i].append(_timed(fn, base_cfg.sample.steps))
         calls = math.ceil(base_cfg.sample.num_videos / bs) + math.ceil(base_cfg.eval.num_samples / bs)
