@@ -216,9 +216,8 @@ def measure_method(name: str, options: list[str], overrides: list[str], steps: i
         for k in range(steps):
             batch = next(batches).to(device)
             for i in _round_order(len(arms), k):
-                fn = fns[i]
                 if arms[i].label not in failed:
-                    times[i].append(_timed(fn, batch))
+                    times[i].append(_timed(fns[i], batch))
         for arm, f, ts in zip(arms, first, times, strict=True):
             if arm.label in failed:
                 continue
@@ -243,9 +242,8 @@ def measure_method(name: str, options: list[str], overrides: list[str], steps: i
         times = [[] for _ in arms]
         for k in range(reps):
             for i in _round_order(len(arms), k):
-                fn = fns[i]
                 if arms[i].label not in failed:
-                    times[i].append(_timed(fn, base_cfg.sample.steps))
+                    times[i].append(_timed(fns[i], base_cfg.sample.steps))
         calls = math.ceil(base_cfg.sample.num_videos / bs) + math.ceil(base_cfg.eval.num_samples / bs)
         for arm, f, ts in zip(arms, first, times, strict=True):
             if arm.label in failed:

@@ -58,8 +58,8 @@ def test_num_classes_restricts_labels_and_datamodule_batches():
 # real statistics and trained runs depend on them. Their bytes are not portable (vectorised float32 sin / cos and
 # fused multiply-adds round the last bit differently on AVX2, AVX-512 and AMX CPUs), so tests/data/shapes_moments.pt
 # holds, per item, channel and frame, the pixel sum and its first moments along x and y (written on a machine whose
-# bytes matched the sha256 below): one sprite pixel moved, a colour changed or a frame mirrored shifts them by
-# more than 0.05; last-bit rounding moves them by less than 1e-3.
+# bytes matched the earlier sha256 check: eb87ce4c... for 16x32, cf442edd... for 8x16): one sprite pixel
+# moved, a colour changed or a frame mirrored shifts them by more than 0.05; last-bit rounding, by less than 1e-3.
 CLIP_SHAPES = {"16x32": (16, 32), "8x16": (8, 16)}
 MOMENTS = Path(__file__).parent / "data" / "shapes_moments.pt"
 
