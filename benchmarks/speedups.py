@@ -144,29 +144,30 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
-def _round_order(n: int, k: int) -> list[int]:
-    """Arm indices of round k: the order rotates each round, so no arm always runs first (right after the batch
-    is rendered) or last."""
-    return [(i + k) % n for i in range(n)]
-
-
 def _error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def _first_calls(arms: list, fns: list, arg) -> tuple[list[float | None], dict[str, str]]:
-    """Times each arm's first call; an option whose first call raises (a compiler error, say) is left out of
-    this part with its error, and the other arms go on. The default arm failing fails the part."""
-    first, failed = [], {}
+def _time_arms(arms: list, fns: list, first_arg, round_args) -> tuple[dict[str, tuple[float, list[float]]], dict[str, str]]:
+    """Each arm's first call timed on its own, then one call of every arm per round (round_args: the argument of
+    each round), in an order that rotates from round to round so no arm always runs first (right after the
+    batch is rendered) or last. An option whose first call raises (a compiler error, say) is left out with its
+    error and the other arms go on; the default arm failing fails the part.
+    Returns {label: (first_seconds, [seconds per round])} and {label: error}."""
+    first, failed = {}, {}
     for arm, fn in zip(arms, fns, strict=True):
         try:
-            first.append(_timed(fn, arg))
+            first[arm.label] = _timed(fn, first_arg)
         except Exception as e:  # noqa: BLE001 - one option's failure must not lose the other arms
             if arm.label == "default":
                 raise
-            first.append(None)
             failed[arm.label] = _error_text(e)
-    return first, failed
+    times: dict[str, list[float]] = {label: [] for label in first}
+    for k, arg in enumerate(round_args):
+        for i in ((j + k) % len(arms) for j in range(len(arms))):
+            if arms[i].label in first:
+                times[arms[i].label].append(_timed(fns[i], arg))
+    return {label: (first[label], times[label]) for label in first}, failed
 
 
 def measure_method(name: str, options: list[str], overrides: list[str], steps: int, sample: bool,
@@ -208,20 +209,12 @@ def measure_method(name: str, options: list[str], overrides: list[str], steps: i
                                seed=base_cfg.seed)
         batches = iter(loader)
         fns = [arm.train_step_fn(stage) for arm in arms]
-        batch = next(batches).to(device)
-        first, failed = _first_calls(arms, fns, batch)
+        timed, failed = _time_arms(arms, fns, next(batches).to(device),
+                                   (next(batches).to(device) for _ in range(steps)))
         rows += [{**common, "part": f"train:{stage}", "kind": "train", "option": label, "error": err}
                  for label, err in failed.items()]
-        times: list[list[float]] = [[] for _ in arms]
-        for k in range(steps):
-            batch = next(batches).to(device)
-            for i in _round_order(len(arms), k):
-                if arms[i].label not in failed:
-                    times[i].append(_timed(fns[i], batch))
-        for arm, f, ts in zip(arms, first, times, strict=True):
-            if arm.label in failed:
-                continue
-            rows.append({**common, "part": f"train:{stage}", "kind": "train", "option": arm.label,
+        for label, (f, ts) in timed.items():
+            rows.append({**common, "part": f"train:{stage}", "kind": "train", "option": label,
                          "batch_size": settings["batch_size"], "seconds": statistics.median(ts), "best_seconds": min(ts),
                          "first_seconds": f, "repeats": steps, "run_steps": settings["max_steps"]})
         for arm in arms:
@@ -235,20 +228,13 @@ def measure_method(name: str, options: list[str], overrides: list[str], steps: i
         bs = base_cfg.sample.batch_size
         cond = real_conditioning(dm, bs, "val", first_frame=arms[0].method.image_to_video).to(device)
         fns = [arm.sample_fn(cond) for arm in arms]
-        first, failed = _first_calls(arms, fns, 1)
+        reps = max(1, min(2, steps))
+        timed, failed = _time_arms(arms, fns, 1, [base_cfg.sample.steps] * reps)
         rows += [{**common, "part": "sample", "kind": "sample", "option": label, "error": err}
                  for label, err in failed.items()]
-        reps = max(1, min(2, steps))
-        times = [[] for _ in arms]
-        for k in range(reps):
-            for i in _round_order(len(arms), k):
-                if arms[i].label not in failed:
-                    times[i].append(_timed(fns[i], base_cfg.sample.steps))
         calls = math.ceil(base_cfg.sample.num_videos / bs) + math.ceil(base_cfg.eval.num_samples / bs)
-        for arm, f, ts in zip(arms, first, times, strict=True):
-            if arm.label in failed:
-                continue
-            rows.append({**common, "part": "sample", "kind": "sample", "option": arm.label, "batch_size": bs,
+        for label, (f, ts) in timed.items():
+            rows.append({**common, "part": "sample", "kind": "sample", "option": label, "batch_size": bs,
                          "seconds": statistics.median(ts), "best_seconds": min(ts), "first_seconds": f, "repeats": reps,
                          "run_steps": calls, "sample_steps": base_cfg.sample.steps})
         if progress is not None:
