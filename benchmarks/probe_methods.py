@@ -4,7 +4,7 @@
     python -m benchmarks.probe_methods pvdm-cost [scales=test,tiny,paper] [batch=4] [time=false] [out=DIR]
     python -m benchmarks.probe_methods pvdm-long run_dir=R [clips=4] [n=128] [out=DIR]
     python -m benchmarks.probe_methods videofusion-base run_dir=R [n=64] [out=DIR]
-    python -m benchmarks.probe_methods pvdm-ae [seconds=75] [n=64] [overrides, e.g. stages.autoencoder.lr=3e-4]
+    python -m benchmarks.probe_methods pvdm-ae [seconds=75 | steps=N] [n=64] [overrides, e.g. stages.autoencoder.lr=3e-4]
     python -m benchmarks.probe_methods i2v-protocol run_dir=R [eval.num_samples=N] [sample.guidance=S] [out=DIR]
 
 edvdm-loop: the codec's reconstruction of n held-out clips (the I-frame given, every P-frame rebuilt from
@@ -38,9 +38,9 @@ independent) and once with independent bases; the shapes evaluator's heads give 
 agrees on colour / shape / background, and every video's motion-class accuracy. Written to
 out/videofusion_base.json.
 
-pvdm-ae: PVDM's autoencoder stage trained alone for `seconds` with the run config's settings (overrides
-apply), then the L1 of n val clips' reconstructions and the shapes evaluator's motion-class accuracy on
-them (printed as JSON).
+pvdm-ae: PVDM's autoencoder stage trained alone for `seconds` (or exactly `steps` steps: a load-independent
+comparison) with the run config's settings (overrides apply), then the L1 of n val clips' reconstructions,
+their R-FVD (shapes evaluator) and the evaluator's motion-class accuracy on them (printed as JSON).
 
 i2v-protocol: a trained D-VDM / ED-VDM run scored under the earlier image-to-video protocol (first frames
 of the training split's clips, which are the FVD reference's clips) and the current one (held-out val
@@ -64,7 +64,7 @@ from methods import codec
 from methods.base import Conditioning
 
 PROBE_KEYS = ("run_dir", "n", "noise", "ae_steps", "out", "scales", "batch", "clips", "batch_size", "seed", "time",
-              "seconds")
+              "seconds", "steps")
 DEFAULT_OUT = "results/probes"
 
 
@@ -488,46 +488,57 @@ def videofusion_base(opts: dict, overrides: list[str]) -> dict:
 
 
 def pvdm_ae(opts: dict, overrides: list[str]) -> dict:
-    """Train PVDM's autoencoder stage alone for `seconds` (its own loss, optimiser settings, batch size and
-    gradient clipping; bf16 autocast), then report the L1 of `n` val clips' reconstructions and the shapes
-    evaluator's motion-class accuracy on them (chance 1/8): whether the latent keeps what the diffusion
-    stage will need, in a fraction of a run's time."""
+    """Train PVDM's autoencoder stage alone for `seconds` or, given, exactly `steps` steps (its own loss,
+    optimiser groups and settings, batch size and gradient clipping per player, as `StageSystem`; bf16
+    autocast), then report the L1 of `n` val clips' reconstructions, R-FVD against those clips (shapes
+    evaluator) and the evaluator's motion-class accuracy on them (chance 1/8): whether the latent keeps what
+    the diffusion stage will need, in a fraction of a run's time."""
     from evaluation.detectors import load_detector
+    from lightning_modules.system import clip_by_player, optimizer_groups
 
     cfg = load_config(["method=pvdm", *overrides])
     seconds, n = float(opts.get("seconds", 75)), int(opts.get("n", 64))
+    max_steps = int(opts["steps"]) if "steps" in opts else None
     dm = build_datamodule(cfg)
     dm.setup("fit")
     torch.manual_seed(int(opts.get("seed", 0)))
     method = build_method(cfg, data_spec(cfg, dm))
     st = stage_settings(cfg, "autoencoder")
-    params = method.stage_parameters("autoencoder")  # with the PatchGAN's discriminators when configured
-    opt = torch.optim.AdamW(params, lr=st["lr"], betas=tuple(st["betas"]))
+    opt = torch.optim.AdamW(optimizer_groups(method, "autoencoder", st["lr"]), lr=st["lr"], betas=tuple(st["betas"]))
     loader = dm.loader_for("train", shuffle=True, drop_last=True, batch_size=st["batch_size"])
     autocast = str(cfg.trainer.precision).startswith("bf16")
     clip = float(cfg.trainer.gradient_clip_val or 0)
     method.train()
-    steps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    steps, t0, last = 0, time.perf_counter(), {}
+
+    def done() -> bool:
+        return steps >= max_steps if max_steps is not None else time.perf_counter() - t0 >= seconds
+
+    while not done():
         for batch in loader:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = method.loss("autoencoder", batch)["loss"]
+                out = method.loss("autoencoder", batch)
             opt.zero_grad()
-            loss.backward()
+            out["loss"].backward()
             if clip:
-                torch.nn.utils.clip_grad_norm_(params, clip)
+                last = {f"grad_norm_{k}": v for k, v in clip_by_player(opt, clip).items()}
             opt.step()
             steps += 1
-            if time.perf_counter() - t0 >= seconds:
+            if done():
                 break
+    train_seconds = time.perf_counter() - t0
     method.eval()
     real = _real(cfg, "val", n)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         recon = method.reconstruct(real["video"]).float()
-    heads = _heads(load_detector("shapes", None), recon)
-    report = {"overrides": overrides, "seconds": seconds, "steps": steps, "lr": st["lr"], "betas": list(st["betas"]),
-              "batch_size": st["batch_size"], "n": n, "val_l1": (recon - real["video"]).abs().mean().item(),
-              "recon_motion_acc": (heads["motion"] == real["label"]).float().mean().item()}
+    det = load_detector("shapes", None)
+    heads = _heads(det, recon)
+    report = {"overrides": overrides, "seconds": round(train_seconds, 1), "steps": steps, "lr": st["lr"],
+              "betas": list(st["betas"]), "batch_size": st["batch_size"], "n": n,
+              "val_l1": (recon - real["video"]).abs().mean().item(),
+              "r_fvd": _fvd(_features(det, recon.clamp(-1, 1)), _features(det, real["video"])),
+              "recon_motion_acc": (heads["motion"] == real["label"]).float().mean().item(),
+              "last_step": {k: round(float(v), 4) for k, v in {**out, **last}.items()}}
     print(json.dumps(report))
     return report
 

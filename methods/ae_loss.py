@@ -14,13 +14,16 @@ tests') loads the same way. Distance: inputs in [-1, 1] shifted and scaled per c
 (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3) unit-normalised over channels, squared differences weighted
 per channel by the linear layer, averaged over space, summed over taps.
 
-The adversarial part trains inside the autoencoder stage's single optimiser step: the discriminators' hinge
+The adversarial part trains inside the autoencoder stage's single optimiser step (the discriminators are their
+own parameter group, clipped on their own: one norm over both players let the discriminators' gradient, ~20x the
+autoencoder's, shrink the autoencoder's step): the discriminators' hinge
 loss sees detached reconstructions (its gradient reaches only the discriminators), and the generator's term
 -D(x_hat) goes through the discriminators with their weights detached (`torch.func.functional_call`), so its
 gradient reaches only the autoencoder. Its weight is taming's adaptive one, ||grad_last L_nll|| /
 (||grad_last L_g|| + 1e-4) clamped to [0, 1e4], times `gan.weight`, on the decoder's last layer; it starts at
 `gan.start` steps (counted by this module, stored in checkpoints). Discriminators: taming's NLayerDiscriminator
-(kernel 4, stride 2 x layers, BatchNorm, LeakyReLU 0.2) on frames (2d) and its Conv3d twin on clips (3d).
+(kernel 4, stride 2 x layers, BatchNorm, LeakyReLU 0.2) on frames (2d) and its Conv3d twin on clips (3d), run in
+fp32 under bf16 autocast (a bf16 Conv3d weight gradient on CPU turned non-finite; see `_logits`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class GANConfig:
     channels: int = 64  # ndf, the first layer's width
     layers: int = 3  # stride-2 layers
     adaptive: bool = True  # taming's adaptive weight; False: gan.weight alone
+    lr_scale: float = 1.0  # the discriminators' learning rate relative to the stage's (taming: the same)
 
 
 @dataclass
@@ -232,11 +236,26 @@ class AutoencoderLoss(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.disc.parameters())
 
+    def param_groups(self, autoencoder: list[nn.Parameter]) -> list[dict]:
+        """The autoencoder stage's optimiser groups: the autoencoder, then (with a PatchGAN) the discriminators as
+        their own player, so each gets its own gradient clipping (`lightning_modules.system.clip_by_player`) and
+        learning rate (`gan.lr_scale`)."""
+        groups = [{"params": autoencoder, "lr_scale": 1.0}]
+        if self.disc:
+            groups.append({"params": self.trainable_parameters(), "lr_scale": self.cfg.gan.lr_scale,
+                           "player": "discriminator"})
+        return groups
+
     def _logits(self, kind: str, x: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
         if kind == "2d":
             x = x.transpose(1, 2).flatten(0, 1)  # (B*T, C, H, W)
         d = self.disc[kind]
-        return d(x) if params is None else functional_call(d, params, (x,))
+        # fp32 even under bf16 autocast: on CPU (torch 2.13, oneDNN) the bf16 weight gradient of the 3D
+        # discriminator's last conv (kernel 4, stride 1, a 3x7x7 input) came out non-finite in ~6-10% of
+        # steps and the autoencoder diverged to NaN; the discriminators are a small share of a step
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            return d(x) if params is None else functional_call(d, params, (x,))
 
     def perceptual(self, x: Tensor, x_hat: Tensor) -> Tensor:
         """Mean LPIPS over `lpips.frames` random frames of every clip (all frames for 0)."""

@@ -350,6 +350,12 @@ class CMD(VideoGenerator):
             return trainable(self.autoencoder) + self.autoencoder_loss.trainable_parameters()
         return trainable(self.motion)  # a CLIP text encoder stays frozen
 
+    def stage_param_groups(self, stage: str) -> list[dict]:
+        """Optimiser groups: the PatchGAN's discriminators are a player of their own in the autoencoder stage."""
+        if stage == "autoencoder":
+            return self.autoencoder_loss.param_groups(trainable(self.autoencoder))
+        return [{"params": self.stage_parameters(stage), "lr_scale": 1.0}]
+
     def shared_stage_config(self, stage: str) -> dict:
         """What determines a shared stage's weights besides data and training settings (its cache key)."""
         return image_prior_cache_key("CMD", stage, self.cfg.image_prior, self.data)

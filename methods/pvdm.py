@@ -196,6 +196,12 @@ class PVDM(VideoGenerator):
             return [p for p in self.autoencoder.parameters() if p.requires_grad] + self.autoencoder_loss.trainable_parameters()
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
+    def stage_param_groups(self, stage: str) -> list[dict]:
+        """Optimiser groups: the PatchGAN's discriminators are a player of their own in the autoencoder stage."""
+        if stage == "autoencoder":
+            return self.autoencoder_loss.param_groups([p for p in self.autoencoder.parameters() if p.requires_grad])
+        return [{"params": self.stage_parameters(stage), "lr_scale": 1.0}]
+
     # --- clips -------------------------------------------------------------------------------------
 
     def split_clips(self, video: Tensor) -> Tensor:

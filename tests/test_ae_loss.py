@@ -12,6 +12,7 @@ from benchmarks.config import load_config
 from datamodules.batch import collate_items
 from datamodules.shapes import ShapesConfig, ShapesDataset
 from methods.ae_loss import LPIPS_SCALE, LPIPS_SHIFT, VGG16_STAGES, AELossConfig, AutoencoderLoss, GANConfig, LPIPSConfig
+from lightning_modules.system import clip_by_player, optimizer_groups
 from methods.base import DataSpec
 
 WIDTHS = (4, 8, 8, 16, 16)  # a narrow VGG16 of the real layout: the widths are read from the file
@@ -159,6 +160,23 @@ def test_the_adversarial_term_starts_at_its_step_and_the_step_survives_a_checkpo
     fresh.load_state_dict(state)
 
 
+def test_the_discriminators_run_in_fp32_under_bf16_autocast_and_their_gradients_stay_finite():
+    """PVDM's tiny setting (2D + 3D, 2 layers, 16x32x32 clips): in bf16 the 3D discriminator's last conv weight
+    gradient came out non-finite on some CPUs in ~1 step in 12, and the autoencoder diverged to NaN."""
+    torch.manual_seed(0)
+    loss = AutoencoderLoss(AELossConfig(gan=GANConfig(weight=1.0, layers=2, channels=16)), 3, (16, 32, 32))
+    for _ in range(8):
+        x = torch.rand(2, 3, 16, 32, 32) * 2 - 1
+        x_hat = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert all(loss._logits(k, x).dtype == torch.float32 for k in loss.disc)
+            out = loss(x, x_hat)
+        loss.zero_grad()
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"]) and torch.isfinite(x_hat.grad).all()
+        assert all(torch.isfinite(p.grad).all() for p in loss.disc.parameters())
+
+
 def test_a_discriminator_too_deep_for_the_clip_names_the_key():
     with pytest.raises(ValueError, match=r"3d PatchGAN of 3 layers needs every side >= 24.*gan\.layers"):
         AutoencoderLoss(AELossConfig(gan=GANConfig(weight=1.0, layers=3)), 3, (16, 32, 32))
@@ -187,3 +205,18 @@ def test_the_papers_losses_train_the_autoencoder_stage_through_the_config(method
     assert {"loss", "l1", "lpips", "g", "d", "gan_weight"} <= set(out) and out["lpips"] > 0
     out["loss"].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params if p.requires_grad)
+    # the discriminators are their own optimiser group ("player"), clipped on their own
+    groups = optimizer_groups(m, "autoencoder", 1e-3)
+    assert [g["player"] for g in groups] == ["model", "discriminator"]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in m.autoencoder_loss.disc.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(params)
+
+
+def test_each_player_is_clipped_on_its_own():
+    a, b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(9))
+    opt = torch.optim.AdamW([{"params": [a], "player": "model"}, {"params": [b], "player": "discriminator"}])
+    a.grad, b.grad = torch.full((4,), 0.25), torch.full((9,), 10.0)  # norms 0.5 and 30
+    norms = clip_by_player(opt, 1.0)
+    assert norms == pytest.approx({"model": 0.5, "discriminator": 30.0})
+    assert torch.allclose(a.grad, torch.full((4,), 0.25))  # under the limit: untouched (one joint norm would scale it by 1/30)
+    assert b.grad.norm().item() == pytest.approx(1.0, rel=1e-5)

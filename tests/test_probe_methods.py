@@ -79,4 +79,9 @@ def test_i2v_protocol_scores_one_run_under_both_first_frame_splits(tmp_path):
 def test_pvdm_ae_trains_the_autoencoder_alone_and_scores_its_reconstructions():
     report = probe_methods.main(["pvdm-ae", "scale=test", "seconds=1", "n=4"])
     assert report["steps"] >= 1 and 0 < report["val_l1"] < 2 and 0 <= report["recon_motion_acc"] <= 1
-    assert report["batch_size"] > 0 and report["overrides"] == ["scale=test"]
+    assert report["batch_size"] > 0 and report["overrides"] == ["scale=test"] and report["r_fvd"] >= 0
+    gan = ["scale=test", "method.autoencoder.loss.gan.weight=1", "method.autoencoder.loss.gan.layers=1",
+           "method.autoencoder.loss.gan.channels=4"]
+    report = probe_methods.main(["pvdm-ae", "steps=3", "n=4", *gan])
+    assert report["steps"] == 3 and report["r_fvd"] >= 0  # exactly `steps`, with the PatchGAN as its own player
+    assert {"g", "d", "grad_norm_model", "grad_norm_discriminator"} <= set(report["last_step"])
