@@ -2,7 +2,7 @@
 
     python -m benchmarks.probe_methods edvdm-loop [run_dir=R] [n=256] [noise=0.02] [ae_steps=200] [out=DIR] [overrides]
     python -m benchmarks.probe_methods pvdm-cost [scales=test,tiny,paper] [batch=4] [time=false] [out=DIR]
-    python -m benchmarks.probe_methods pvdm-long run_dir=R [clips=4] [n=128] [out=DIR]
+    python -m benchmarks.probe_methods long-video run_dir=R [clips=4] [n=128] [out=DIR]   (pvdm-long: the same)
     python -m benchmarks.probe_methods videofusion-base run_dir=R [n=64] [out=DIR]
     python -m benchmarks.probe_methods pvdm-ae [seconds=75 | steps=N] [n=64] [overrides, e.g. stages.autoencoder.lr=3e-4]
     python -m benchmarks.probe_methods i2v-protocol run_dir=R [eval.num_samples=N] [sample.guidance=S] [out=DIR]
@@ -22,15 +22,17 @@ pvdm-cost: per preset, the tri-plane latent and what one training step costs at 
 and autoencoder-stage step at `batch` (torch.utils.flop_counter), and the best of 3 timed steps (test,
 tiny, unless time=false; the paper preset is counted, not timed, on a CPU).
 
-pvdm-long: a trained PVDM run (its clip length, its weights) generates n videos of `clips` clips with
-`sample_long`, each class-conditioned like real val clip i, and the same number with every clip sampled
-independently (no previous-clip latent: the no-memory contrast). Against n real shapes clips of the same
+long-video: a trained run of a method with a long-video mode generates n videos of `clips` clips with
+`sample_long`, each conditioned like real val clip i: PVDM (its clip length, each clip conditioned on the
+previous clip's latent; also the same number with every clip sampled independently, no previous-clip
+latent: the no-memory contrast) or D-VDM / ED-VDM (the first clip from val clip i's first frame, every
+further clip from the last frame generated so far). Against n real shapes clips of the same
 length (dataset.frames = clips x clip length: the sprite keeps moving, wrapping at the edges), it
 reports FVD of the whole videos (the shapes evaluator sees 16 evenly spaced frames), FVD per clip index
 (clip k of generated vs clip k of real videos) and how appearance survives the clip boundaries: the
 rate at which the shapes evaluator's colour / shape / background heads predict the same value on the
 first and the last clip of a video (and, as the chance level, on the first clip of video i and the last
-clip of video i+1). Written to out/pvdm_long.json.
+clip of video i+1). Written to out/<method>_long.json.
 
 videofusion-base: a trained VideoFusion run generates n pairs of videos, the two of a pair conditioned on
 two different motion classes, once with the pair sharing the base noise b of the start noise (residuals
@@ -377,26 +379,32 @@ def appearance_retention(det, videos: Tensor, clip: int) -> dict:
     return out
 
 
-def pvdm_long(opts: dict, overrides: list[str]) -> dict:
+def long_video(opts: dict, overrides: list[str]) -> dict:
     from evaluation.detectors import load_detector
 
     if "run_dir" not in opts:
-        raise SystemExit("error: pvdm-long needs run_dir= (a trained benchmarks.run folder of method=pvdm)")
+        raise SystemExit("error: long-video needs run_dir= (a trained benchmarks.run folder of a method with a "
+                         "long-video mode: pvdm, dvdm, edvdm)")
     cfg, _, method = _load_run(opts["run_dir"])
-    if cfg.method.name != "pvdm":
-        raise SystemExit(f"error: pvdm-long probes PVDM, got method={cfg.method.name}")
+    if not method.long_video:
+        raise SystemExit(f"error: {cfg.method.name} has no long-video mode (sample_long); pvdm chains clips on "
+                         f"latents, dvdm and edvdm on their last frame")
     clips, n = int(opts.get("clips", 4)), int(opts.get("n", 128))
-    T = method.clip_frames
+    T = getattr(method, "clip_frames", method.data.frames)
     frames = clips * T
     real = _real(cfg, "val", n, frames)
     det = load_detector("shapes", None)
-    cond = Conditioning(label=real["label"]) if method.data.num_classes else Conditioning()
+    label = real["label"] if method.data.num_classes else None
+    cond = Conditioning(label=label, first_frame=real["video"][:, :, 0] if method.image_to_video else None)
     kw = dict(steps=cfg.sample.steps, guidance=cfg.sample.guidance, eta=cfg.sample.eta, seed=int(opts.get("seed", 0)),
               batch=int(opts.get("batch_size", 32)), autocast=str(cfg.trainer.precision).startswith("bf16"))
     t0 = time.perf_counter()
-    gen = {"chained": _sample_long(method, n, cond, clips, chained=True, **kw),
-           "independent": _sample_long(method, n, cond, clips, chained=False, **kw)}
-    report: dict = {"run_dir": opts["run_dir"], "clip_frames": T, "clips": clips, "frames": frames, "n": n,
+    gen = {"chained": _sample_long(method, n, cond, clips, chained=True, **kw)}
+    if not method.image_to_video:  # the no-memory contrast (an image-to-video clip always starts from a frame)
+        gen["independent"] = _sample_long(method, n, cond, clips, chained=False, **kw)
+    mode = "clip k+1 starts from clip k's last frame" if method.image_to_video else "clip k+1 conditioned on clip k's latent"
+    report: dict = {"run_dir": opts["run_dir"], "method": cfg.method.name, "mode": mode, "clip_frames": T,
+                    "clips": clips, "frames": frames, "n": n,
                     "sample_steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "eta": cfg.sample.eta,
                     "sample_seconds": time.perf_counter() - t0}
     rv = real["video"]
@@ -416,8 +424,7 @@ def pvdm_long(opts: dict, overrides: list[str]) -> dict:
         print(f"{name}: FVD{frames} {r['fvd_long']:.1f}, per clip {[round(x, 1) for x in r['fvd_per_clip']]}, "
               f"colour kept {r['appearance']['color_same']:.3f} (chance {r['appearance']['color_same_chance']:.3f}), "
               f"shape kept {r['appearance']['shape_same']:.3f} (chance {r['appearance']['shape_same_chance']:.3f})")
-    report["other_methods_long_video_option"] = None  # no other method here generates beyond its clip length
-    _write_json(Path(opts.get("out", DEFAULT_OUT)), "pvdm_long.json", report)
+    _write_json(Path(opts.get("out", DEFAULT_OUT)), f"{cfg.method.name}_long.json", report)
     return report
 
 
@@ -582,7 +589,7 @@ def i2v_protocol(opts: dict, overrides: list[str]) -> dict:
     return report
 
 
-COMMANDS = {"edvdm-loop": edvdm_loop, "pvdm-cost": pvdm_cost, "pvdm-long": pvdm_long, "videofusion-base": videofusion_base,
+COMMANDS = {"edvdm-loop": edvdm_loop, "pvdm-cost": pvdm_cost, "long-video": long_video, "pvdm-long": long_video, "videofusion-base": videofusion_base,
             "i2v-protocol": i2v_protocol, "pvdm-ae": pvdm_ae}
 
 

@@ -77,6 +77,7 @@ class VideoGenerator(nn.Module):
     stages: tuple[str, ...] = ()
     # Stages whose trained weights other methods may share (e.g. the image prior).
     image_to_video: bool = False  # True when sampling needs Conditioning.first_frame
+    long_video: bool = False  # True when `sample_long` generates videos of several clips
 
     def __init__(self, data: DataSpec) -> None:
         super().__init__()

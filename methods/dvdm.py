@@ -146,6 +146,7 @@ class FirstFrameDiffusion(VideoGenerator):
     """Shared machinery: a (2+1)D UNet denoising a (C_z, T', H', W') target next to E(x_1), with CFG on c."""
 
     image_to_video = True
+    long_video = True  # clip by clip, each clip starting from the previous clip's last frame (`sample_long`)
 
     def __init__(self, cfg: FirstFrameDiffusionConfig, data: DataSpec, target_shape: tuple[int, int, int, int],
                  factor: int) -> None:
@@ -187,6 +188,22 @@ class FirstFrameDiffusion(VideoGenerator):
             raise ValueError(f"{type(self).__name__} is image-to-video: sample() needs Conditioning.first_frame of "
                              f"shape {expected}, got {None if first is None else tuple(first.shape)}")
         return first.to(self.device)
+
+    @torch.no_grad()
+    def sample_long(self, n: int, cond: Conditioning, clips: int, *, steps: int, guidance: float,
+                    generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
+        """n videos of clips * T frames (n, C, clips * T, H, W) in [-1, 1], clip by clip: the first clip starts from
+        `cond.first_frame`, every further clip from the last frame generated so far (it repeats that frame and adds
+        T - 1 new ones), as an image-to-video model extends a video; the label / caption stays the same."""
+        if clips < 1:
+            raise ValueError(f"clips must be >= 1, got {clips}")
+        T, frames = self.data.frames, clips * self.data.frames
+        video = self.sample(n, cond, steps=steps, guidance=guidance, generator=generator, eta=eta)
+        while video.shape[2] < frames:
+            nxt = Conditioning(label=cond.label, text=cond.text, first_frame=video[:, :, -1])
+            video = torch.cat([video, self.sample(n, nxt, steps=steps, guidance=guidance, generator=generator,
+                                                  eta=eta)[:, :, 1:]], dim=2)
+        return video[:, :, :frames]
 
     def generate(self, first: Tensor, cond: Conditioning, steps: int, guidance: float,
                  generator: torch.Generator | None, eta: float) -> Tensor:

@@ -148,6 +148,7 @@ class PVDM(VideoGenerator):
 
     Config = PVDMConfig
     stages = ("autoencoder", "diffusion")
+    long_video = True  # clip by clip, each clip conditioned on the previous clip's latent (`sample_long`)
 
     def __init__(self, cfg: PVDMConfig, data: DataSpec) -> None:
         super().__init__(data)

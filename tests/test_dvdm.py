@@ -94,6 +94,27 @@ def test_samples_start_from_the_given_first_frame_and_depend_on_it(name):
 
 
 @pytest.mark.parametrize("name", ["dvdm", "edvdm"])
+def test_long_videos_chain_clips_on_the_last_generated_frame(name):
+    method, batch = _build(name)
+    _perturb(method)
+    method.eval()
+    T = method.data.frames
+    cond = Conditioning(label=batch.label, first_frame=batch.first_frame)
+    kw = dict(steps=2, guidance=2.0)
+    long = method.sample_long(2, cond, 3, generator=torch.Generator().manual_seed(0), **kw)
+    assert long.shape[2] == 3 * T and method.long_video
+    # written out: clip k + 1 is sampled from clip k's last frame, with the generator's state running on
+    g = torch.Generator().manual_seed(0)
+    video = method.sample(2, cond, generator=g, **kw)
+    while video.shape[2] < 3 * T:
+        nxt = Conditioning(label=batch.label, first_frame=video[:, :, -1])
+        video = torch.cat([video, method.sample(2, nxt, generator=g, **kw)[:, :, 1:]], dim=2)
+    assert torch.equal(long, video[:, :, :3 * T])
+    assert torch.equal(method.sample_long(2, cond, 1, generator=torch.Generator().manual_seed(0), **kw),
+                       method.sample(2, cond, generator=torch.Generator().manual_seed(0), **kw))
+
+
+@pytest.mark.parametrize("name", ["dvdm", "edvdm"])
 def test_sampling_without_a_first_frame_says_what_is_missing(name):
     method, batch = _build(name)
     with pytest.raises(ValueError, match="first_frame"):

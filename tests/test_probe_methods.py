@@ -73,6 +73,11 @@ def test_i2v_protocol_scores_one_run_under_both_first_frame_splits(tmp_path):
     assert report["train"]["n_gen"] == report["val"]["n_gen"] == 4
     assert report["train"]["fvd"] != report["val"]["fvd"]  # other first frames, other videos
     assert protocol.FIRST_FRAME_SPLIT == "val"  # restored
+    # the same run's long videos: chained on the last frame, scored for appearance across the clip boundaries
+    long = probe_methods.main(["long-video", f"run_dir={row['run_dir']}", "clips=2", "n=3", f"out={tmp_path}"])
+    assert long["method"] == "dvdm" and "last frame" in long["mode"] and "independent" not in long
+    assert long["frames"] == 2 * long["clip_frames"] and len(long["chained"]["fvd_per_clip"]) == 2
+    assert 0 <= long["chained"]["appearance"]["color_same"] <= 1 and (tmp_path / "dvdm_long.json").exists()
     assert (tmp_path / "i2v_protocol.json").exists()
 
 
