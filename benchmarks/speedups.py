@@ -4,8 +4,9 @@
     python -m benchmarks.speedups methods=cmd,vdm options=channels_last,attention=fused steps=5
 Own options: methods=a,b (default: every method), options=a,b (default compile,channels_last,attention=fused;
 each is a `trainer.<option>` setting, `compile` meaning trainer.compile=true), steps=N (timed rounds per part,
-default 4), sample=true|false (default true), out=DIR (default results/speedups). Everything else is a run-config
-override applied to every arm (scale=tiny, sample.steps=10, ...).
+default 4), sample=true|false (default true), train=true|false (default true; false measures sampling
+alone), sample_rounds=N (timed sampling calls per arm, default 2), out=DIR (default results/speedups).
+Everything else is a run-config override applied to every arm (scale=tiny, sample.steps=10, ...).
 
 Per method and per part (each training stage, then sampling), one instance of the method per arm (the
 default, and the default with one option switched on), built from the same seed. The arms take turns:
@@ -37,12 +38,13 @@ import time
 from pathlib import Path
 
 USAGE = __doc__
-OWN_KEYS = ("methods", "options", "steps", "sample", "out")
+OWN_KEYS = ("methods", "options", "steps", "sample", "train", "sample_rounds", "out")
 DEFAULT_OPTIONS = ("compile", "channels_last", "attention=fused")
 
 
 def _parse(argv: list[str]) -> tuple[dict, list[str]]:
-    opts = {"methods": None, "options": list(DEFAULT_OPTIONS), "steps": 4, "sample": True, "out": "results/speedups"}
+    opts = {"methods": None, "options": list(DEFAULT_OPTIONS), "steps": 4, "sample": True, "train": True, "sample_rounds": 2,
+            "out": "results/speedups"}
     rest = []
     for a in argv:
         key, _, value = a.partition("=")
@@ -50,9 +52,9 @@ def _parse(argv: list[str]) -> tuple[dict, list[str]]:
             rest.append(a)
         elif key in ("methods", "options"):
             opts[key] = [v for v in value.split(",") if v]
-        elif key == "steps":
+        elif key in ("steps", "sample_rounds"):
             opts[key] = max(1, int(value))
-        elif key == "sample":
+        elif key in ("sample", "train"):
             opts[key] = value.lower() in ("1", "true", "yes", "on")
         else:
             opts[key] = value
@@ -171,7 +173,7 @@ def _time_arms(arms: list, fns: list, first_arg, round_args) -> tuple[dict[str, 
 
 
 def measure_method(name: str, options: list[str], overrides: list[str], steps: int, sample: bool,
-                   progress=None) -> list[dict]:
+                   progress=None, train: bool = True, sample_rounds: int = 2) -> list[dict]:
     """Rows (one per part and arm) for one method; the default arm's rows have option 'default'."""
     import torch
 
@@ -201,7 +203,7 @@ def measure_method(name: str, options: list[str], overrides: list[str], steps: i
     common = {"method": name, "scale": base_cfg.scale, "resolution": base_cfg.dataset.resolution,
               "frames": base_cfg.dataset.frames, "precision": base_cfg.trainer.precision, "device": device.type}
     rows = []
-    for stage in arms[0].method.stages:
+    for stage in arms[0].method.stages if train else ():
         if progress is not None:
             progress.set_postfix_str(f"{name} train:{stage}")
         settings = stage_settings(base_cfg, stage)
@@ -228,7 +230,7 @@ def measure_method(name: str, options: list[str], overrides: list[str], steps: i
         bs = base_cfg.sample.batch_size
         cond = real_conditioning(dm, bs, "val", first_frame=arms[0].method.image_to_video).to(device)
         fns = [arm.sample_fn(cond) for arm in arms]
-        reps = max(1, min(2, steps))
+        reps = sample_rounds
         timed, failed = _time_arms(arms, fns, 1, [base_cfg.sample.steps] * reps)
         rows += [{**common, "part": "sample", "kind": "sample", "option": label, "error": err}
                  for label, err in failed.items()]
@@ -338,11 +340,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "machine.json", json.dumps(note, indent=1))  # first: a stopped run keeps it
     rows: list[dict] = []
-    parts = sum(len(METHODS[m].stages) + int(opts["sample"]) for m in methods)
+    parts = sum(len(METHODS[m].stages) * int(opts["train"]) + int(opts["sample"]) for m in methods)
     with tqdm(total=parts, desc="speedups", unit="part") as bar:
         for m in methods:
             try:
-                rows += measure_method(m, opts["options"], rest, opts["steps"], opts["sample"], bar)
+                rows += measure_method(m, opts["options"], rest, opts["steps"], opts["sample"], bar, opts["train"],
+                                       opts["sample_rounds"])
             except Exception as e:  # noqa: BLE001 - one method's failure must not lose the others
                 rows.append({"method": m, "part": "", "option": "", "error": _error_text(e)})
             write_csv(out / "speedups.csv", rows)  # after every method: a long run keeps what it measured

@@ -147,6 +147,13 @@ def test_speedups_benchmark_compares_each_option_with_the_default(tmp_path):
         speedups.main(["methods=vdm", "options=attention=flashy", "scale=test", f"out={tmp_path}"])
 
 
+def test_speedups_can_time_sampling_alone_over_more_rounds(tmp_path):
+    rows = speedups.main(["methods=pvdm", "options=attention=fused", "train=false", "sample_rounds=3", "scale=test",
+                          "sample.steps=2", f"out={tmp_path}"])
+    assert {r["part"] for r in rows} == {"sample"} and {r["option"] for r in rows} == {"default", "attention=fused"}
+    assert all(r["repeats"] == 3 for r in rows)
+
+
 def test_speedups_records_an_option_that_fails_and_measures_the_rest(tmp_path, monkeypatch):
     """A compiler error in one arm (ED-VDM under inductor's dynamic shapes did this) is that option's row, not
     the method's: the default and the other options are still measured."""
