@@ -589,8 +589,8 @@ def i2v_protocol(opts: dict, overrides: list[str]) -> dict:
     return report
 
 
-COMMANDS = {"edvdm-loop": edvdm_loop, "pvdm-cost": pvdm_cost, "long-video": long_video, "pvdm-long": long_video, "videofusion-base": videofusion_base,
-            "i2v-protocol": i2v_protocol, "pvdm-ae": pvdm_ae}
+COMMANDS = {"edvdm-loop": edvdm_loop, "pvdm-cost": pvdm_cost, "long-video": long_video, "pvdm-long": long_video,
+            "videofusion-base": videofusion_base, "i2v-protocol": i2v_protocol, "pvdm-ae": pvdm_ae}
 
 
 def main(argv: list[str] | None = None) -> dict:

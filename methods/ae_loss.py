@@ -15,7 +15,7 @@ tests') loads the same way. Distance: inputs in [-1, 1] shifted and scaled per c
 per channel by the linear layer, averaged over space, summed over taps.
 
 The adversarial part trains inside the autoencoder stage's single optimiser step (the discriminators are their
-own parameter group, clipped on their own: one norm over both players let the discriminators' gradient, ~20x the
+own parameter group, clipped on their own: one norm over both players let the discriminators' gradient, tens of times the
 autoencoder's, shrink the autoencoder's step): the discriminators' hinge
 loss sees detached reconstructions (its gradient reaches only the discriminators), and the generator's term
 -D(x_hat) goes through the discriminators with their weights detached (`torch.func.functional_call`), so its

@@ -197,7 +197,7 @@ class FirstFrameDiffusion(VideoGenerator):
         T - 1 new ones), as an image-to-video model extends a video; the label / caption stays the same."""
         if clips < 1:
             raise ValueError(f"clips must be >= 1, got {clips}")
-        T, frames = self.data.frames, clips * self.data.frames
+        frames = clips * self.data.frames
         video = self.sample(n, cond, steps=steps, guidance=guidance, generator=generator, eta=eta)
         while video.shape[2] < frames:
             nxt = Conditioning(label=cond.label, text=cond.text, first_frame=video[:, :, -1])

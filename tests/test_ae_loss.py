@@ -11,8 +11,8 @@ from benchmarks.common import build_method
 from benchmarks.config import load_config
 from datamodules.batch import collate_items
 from datamodules.shapes import ShapesConfig, ShapesDataset
-from methods.ae_loss import LPIPS_SCALE, LPIPS_SHIFT, VGG16_STAGES, AELossConfig, AutoencoderLoss, GANConfig, LPIPSConfig
 from lightning_modules.system import clip_by_player, optimizer_groups
+from methods.ae_loss import LPIPS_SCALE, LPIPS_SHIFT, VGG16_STAGES, AELossConfig, AutoencoderLoss, GANConfig, LPIPSConfig
 from methods.base import DataSpec
 
 WIDTHS = (4, 8, 8, 16, 16)  # a narrow VGG16 of the real layout: the widths are read from the file
