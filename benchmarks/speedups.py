@@ -87,13 +87,13 @@ class Arm:
         from benchmarks.config import stage_settings
         from benchmarks.efficiency import _autocast, _freeze_for
         from benchmarks.utilisation import _optimizer
+        from lightning_modules.system import clip_by_player
 
         method, cfg = self.method, self.cfg
         settings = stage_settings(cfg, stage)
         method.train()
         _freeze_for(method, stage)
         opt = _optimizer(method, stage, settings, cfg.optim.weight_decay)
-        params = [p for g in opt.param_groups for p in g["params"]]
         clip = float(cfg.trainer.gradient_clip_val or 0)
         compiled = [False]
 
@@ -109,7 +109,7 @@ class Arm:
                     loss = method.loss(stage, batch)["loss"]
                 loss.backward()
             if clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip)
+                clip_by_player(opt, clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             return float(loss.detach())

@@ -97,13 +97,11 @@ def _optimizer(method, stage: str, settings: dict, weight_decay: float):
     """AdamW over the stage's parameters, grouped as lightning_modules.system.StageSystem groups them."""
     import torch
 
+    from lightning_modules.system import optimizer_groups
+
     lr = settings["lr"]
-    if hasattr(method, "stage_param_groups"):
-        groups = [{"params": g["params"], "lr": lr * g.get("lr_scale", 1.0)}
-                  for g in method.stage_param_groups(stage) if g["params"]]
-    else:
-        groups = [{"params": [p for p in method.parameters() if p.requires_grad]}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(settings["betas"]), weight_decay=weight_decay)
+    return torch.optim.AdamW(optimizer_groups(method, stage, lr), lr=lr, betas=tuple(settings["betas"]),
+                             weight_decay=weight_decay)
 
 
 def train_flops(method, stage: str, batch, cfg, device) -> int:
@@ -180,17 +178,16 @@ def measure_training(method, stage: str, cfg, dm, device, steps: int, profile: b
     data_ab: 2 x `steps` steps, alternating the data path before the fix (`data_path_before_fix`) and
     the default; the before steps go to the `*_before` columns.
     """
-    import torch
 
     from benchmarks.config import stage_settings
     from benchmarks.efficiency import _autocast, _freeze_for, _sync
+    from lightning_modules.system import clip_by_player
 
     settings = stage_settings(cfg, stage)
     bs = settings["batch_size"]
     method.train()
     _freeze_for(method, stage)
     opt = _optimizer(method, stage, settings, cfg.optim.weight_decay)
-    params = [p for g in opt.param_groups for p in g["params"]]
     clip = float(cfg.trainer.gradient_clip_val or 0)
     loader = dm.loader_for("train", shuffle=True, drop_last=True, batch_size=bs, seed=cfg.seed)
     it = iter(loader)
@@ -200,7 +197,7 @@ def measure_training(method, stage: str, cfg, dm, device, steps: int, profile: b
             loss = method.loss(stage, batch)["loss"]
         loss.backward()
         if clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+            clip_by_player(opt, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -119,10 +119,8 @@ class StageSystem(L.LightningModule):
 
 
 def optimizer_groups(method: VideoGenerator, stage: str, lr: float) -> list[dict]:
-    """The stage's AdamW groups. A method may split a stage (`stage_param_groups`): a relative learning rate
-    (`lr_scale`, VideoFusion's slow z_b) or a second player (`player`, the PatchGAN's discriminators)."""
-    if not hasattr(method, "stage_param_groups"):
-        return [{"params": [p for p in method.parameters() if p.requires_grad]}]
+    """The stage's AdamW groups from `method.stage_param_groups`: a relative learning rate (`lr_scale`, VideoFusion's
+    slow z_b) or a second player (`player`, the PatchGAN's discriminators)."""
     return [{"params": g["params"], "lr": lr * g.get("lr_scale", 1.0), "player": g.get("player", "model")}
             for g in method.stage_param_groups(stage) if g["params"]]
 

@@ -87,6 +87,11 @@ class VideoGenerator(nn.Module):
         """The parameters that `stage` trains (the rest stay frozen during it)."""
         raise NotImplementedError
 
+    def stage_param_groups(self, stage: str) -> list[dict]:
+        """The stage's optimiser groups: {"params", optional "lr_scale" (relative learning rate), optional "player"
+        (a group clipped on its own, e.g. a PatchGAN's discriminators)}; by default one group of `stage_parameters`."""
+        return [{"params": self.stage_parameters(stage)}]
+
     def loss(self, stage: str, batch: VideoBatch) -> dict[str, Tensor]:
         """{"loss": scalar, **scalars to log} for one training batch of `stage`."""
         raise NotImplementedError

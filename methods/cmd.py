@@ -354,7 +354,7 @@ class CMD(VideoGenerator):
         """Optimiser groups: the PatchGAN's discriminators are a player of their own in the autoencoder stage."""
         if stage == "autoencoder":
             return self.autoencoder_loss.param_groups(trainable(self.autoencoder))
-        return [{"params": self.stage_parameters(stage), "lr_scale": 1.0}]
+        return super().stage_param_groups(stage)
 
     def shared_stage_config(self, stage: str) -> dict:
         """What determines a shared stage's weights besides data and training settings (its cache key)."""

@@ -201,7 +201,7 @@ class PVDM(VideoGenerator):
         """Optimiser groups: the PatchGAN's discriminators are a player of their own in the autoencoder stage."""
         if stage == "autoencoder":
             return self.autoencoder_loss.param_groups([p for p in self.autoencoder.parameters() if p.requires_grad])
-        return [{"params": self.stage_parameters(stage), "lr_scale": 1.0}]
+        return super().stage_param_groups(stage)
 
     # --- clips -------------------------------------------------------------------------------------
 

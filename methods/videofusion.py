@@ -112,7 +112,7 @@ class VideoFusion(VideoGenerator):
     def stage_param_groups(self, stage: str) -> list[dict]:
         """Optimiser groups with a relative learning rate (`lr_scale`): z_b fine-tunes slowly."""
         if stage != "video":
-            return [{"params": self.stage_parameters(stage), "lr_scale": 1.0}]
+            return super().stage_param_groups(stage)
         residual = [*trainable(self.residual), *trainable(self.frame_embed)]  # a CLIP text encoder stays frozen
         return [{"params": residual, "lr_scale": 1.0},
                 {"params": self.base.trainable_parameters(), "lr_scale": self.cfg.base_lr_scale}]
