@@ -57,6 +57,18 @@ ours_tflops, paper_tflops, ratio, ours_vs_baseline, paper_vs_baseline, params_m,
   call per step (traced again with every guidance scale at 1), decoders excluded. This reproduces the
   CMD paper's ModelScope figure (939 TFLOPs) and its per-step training figures (SD UNet 0.34, ModelScope
   9.41 TFLOPs at 512^2x16), so its "TFLOPs" are these multiply-adds.
+The same settings timed (meant for a GPU; `bash benchmarks/gpu_bench.sh` runs this and more in one call):
+
+    python -m benchmarks.efficiency preset=paper-settings timing=on [settings=cmd,modelscope] [repeats=3] [train=false]
+Each setting in its own subprocess, built with random weights on the accelerator (the CPU where there is none),
+under the run's autocast precision. Sampling one video is timed as its FLOPs are counted: every step count at 1,
+then each at 1 + 8 alone (median of `repeats` after an untimed run that counts the FLOPs and warms up),
+extrapolated linearly; under 30 s in total, one full sample is timed too (`seconds_full`, a check). The time
+spent inside the decoders (the method's autoencoder, the SD VAE) is clocked apart, so `seconds_no_decoders` is
+what the papers time. Then one AdamW step per training stage at batch 1 (not for a `like:` setting, whose
+networks are its base's). efficiency_paper_timing.csv (rewritten after each setting) holds seconds, TFLOPs,
+achieved TFLOP/s and its fraction of a bf16 matmul peak probed in the same run, peak memory, the ratio to the
+setting's baseline (decoders left out) and the paper's seconds and ratio (`paper.seconds` in the preset).
 The resolution sweep (preset key `resolution_sweep`) traces the same models at square resolutions, every
 one at 50 steps, into efficiency_vs_resolution.csv and efficiency_vs_resolution.png: TFLOPs per video
 (with and without decoders) and each decomposition's cost relative to its baseline (CMD against the
@@ -82,7 +94,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 USAGE = __doc__
-OWN_KEYS = ("methods", "out", "repeats", "timing", "train", "preset", "exact", "sweep", "resolutions")
+OWN_KEYS = ("methods", "out", "repeats", "timing", "train", "preset", "exact", "sweep", "resolutions", "settings")
 BASELINE = "vdm"  # ratios are against this method
 RATIOS = {"params": "params_vs_vdm", "sample_gflops": "gflops_vs_vdm", "sample_seconds": "seconds_vs_vdm",
           "sample_peak_mb": "mem_vs_vdm", "train_gflops_per_video": "train_gflops_vs_vdm"}
@@ -595,12 +607,15 @@ def reported_rows(results: list[dict]) -> list[dict]:
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Written to a temporary file beside `path`, then renamed over it: never half-written."""
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in r.items()})
+    os.replace(tmp, path)
 
 
 def _g(v, digits: int = 3) -> str:
@@ -1008,7 +1023,7 @@ def paper_settings_main(opts: dict) -> list[dict]:
     out = Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in preset["table"]:
+    for name in opts["settings"] or preset["table"]:
         t0 = time.perf_counter()
         results.append(measure_setting(preset, name, exact=opts["exact"]))
         print(f"[{name}] traced ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -1041,19 +1056,342 @@ def resolution_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- the papers' settings, timed (preset=... timing=on; meant for a GPU) --------------------------------
+
+
+TIMING_COLUMNS = ("method", "setting", "kind", "sampling", "device", "seconds", "decoder_seconds",
+                  "seconds_no_decoders", "seconds_method", "seconds_full",
+                  "tflops", "achieved_tflops_per_s", "fraction_of_peak", "peak_gb", "baseline", "seconds_vs_baseline",
+                  "paper_seconds", "paper_vs_baseline", "paper_peak_gb", "paper_hardware", "peak_probe_tflops",
+                  "params_m", "error")
+
+
+def _set_knob(method, key: str, value) -> None:
+    """Set a dotted `method.*` step knob on a built method's own config (read at sampling time)."""
+    node = method.cfg
+    *path, leaf = key.split(".")[1:]
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, leaf, value)
+
+
+class DecoderClock:
+    """Seconds spent inside the given modules' forward calls (outermost calls only, synchronised on entry and
+    exit), accumulated while open: how long a sample spends in its decoders."""
+
+    def __init__(self, roots, device) -> None:
+        self.ids = {id(m) for r in roots for m in r.modules()}
+        self.device = device
+        self.seconds = 0.0
+        self._depth = 0
+        self._t0 = 0.0
+
+    def __enter__(self):
+        import torch
+
+        def pre(module, args):
+            if id(module) in self.ids:
+                if self._depth == 0:
+                    _sync(self.device)
+                    self._t0 = time.perf_counter()
+                self._depth += 1
+
+        def post(module, args, output):
+            if id(module) in self.ids:
+                self._depth -= 1
+                if self._depth == 0:
+                    _sync(self.device)
+                    self.seconds += time.perf_counter() - self._t0
+
+        self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+                       torch.nn.modules.module.register_module_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return False
+
+
+def _timed(fn, device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _build_for_timing(entry: dict, preset: dict, cfg, spec, device):
+    """(method, SD VAE or None) with random weights on `device`: built there directly, or on the CPU and moved
+    where a constructor does not allow that (e.g. a CPU generator)."""
+    import torch
+
+    from benchmarks.common import build_method
+
+    def build():
+        torch.manual_seed(cfg.seed)
+        with diffusers_from_configs(preset.get("diffusers", {})):
+            method = build_method(cfg, spec)
+        vae = None
+        if entry.get("latent"):
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_config(preset["diffusers"][entry["latent"]["diffusers"]]["vae"])
+        return method, vae
+
+    try:
+        with torch.device(device):
+            method, vae = build()
+    except Exception:  # noqa: BLE001 - a constructor that insists on the CPU
+        method, vae = build()
+    method = method.to(device).eval()
+    return method, (vae.to(device).eval() if vae is not None else None)
+
+
+def time_setting(preset: dict, name: str, device, *, repeats: int = 3, probe_steps: int = 8,
+                 full_below: float = 30.0, train: bool = True) -> dict:
+    """Seconds (and achieved TFLOP/s, peak memory) of one video at a preset setting, random weights on `device`.
+
+    Sampling is timed as the FLOPs are counted: every step knob (`_step_knobs`) at 1, then each knob at
+    1 + `probe_steps` alone, each configuration the median of `repeats` runs after an untimed run that counts
+    its FLOPs (and warms up); the seconds are extrapolated linearly to the setting's step counts (every step
+    costs the same). Where that total is under `full_below` seconds, one full sample is timed as well
+    (`seconds_full`: a check of the extrapolation). With `train`, one optimiser step (AdamW) per stage at
+    batch 1: FLOPs counted on the untimed first step, then the median of `repeats` steps.
+    """
+    import torch
+
+    from benchmarks.config import load_config
+    from methods.base import Conditioning
+
+    entry = preset["settings"][name]
+    spec, overrides, where = setting_spec(entry)
+    accel = "gpu" if device.type == "cuda" else "cpu"
+    cfg = load_config([*overrides, f"trainer.accelerator={accel}"])
+    res: dict = {"name": name, "method": entry.get("label", name), "setting": where, "device": _device_name(device)}
+    method, vae = _build_for_timing(entry, preset, cfg, spec, device)
+    res["params_m"] = (sum(p.numel() for p in method.parameters())
+                       + (sum(p.numel() for p in vae.parameters()) if vae is not None else 0)) / 1e6
+    res["sampling"] = _sampling_text(method, cfg.sample.steps, cfg.sample.guidance)
+    label = torch.zeros(1, dtype=torch.long, device=device) if spec.num_classes else None
+    cond = Conditioning(label=label)
+    knobs = _step_knobs(cfg)
+    method_knobs = {k: v for k, v in knobs.items() if k != "sample.steps"}
+    g = torch.Generator(device=device)
+
+    def sample(values: dict) -> None:
+        for key, value in method_knobs.items():
+            _set_knob(method, key, values.get(key, value))
+        with torch.no_grad(), _autocast(cfg, device):
+            out = method.sample(1, cond, steps=values.get("sample.steps", cfg.sample.steps),
+                                guidance=cfg.sample.guidance, generator=g.manual_seed(0), eta=cfg.sample.eta)
+            if vae is not None:
+                vae.decode(out.to(vae.dtype).transpose(1, 2).flatten(0, 1) / vae.config.scaling_factor)
+
+    def counted(values: dict) -> int:
+        with count_flops() as (counter, _):
+            sample(values)
+        return counter.get_total_flops()
+
+    ones = dict.fromkeys(knobs, 1)
+    decoders = [mod for part, mod in _parts(method).items() if is_decoder(part)] + ([vae] if vae is not None else [])
+    with PeakMemory(device) as mem:
+        flops1 = counted(ones)
+        t1 = _timed(lambda: sample(ones), device, repeats)
+        with DecoderClock(decoders, device) as clock:  # decoding does not depend on the step counts
+            _timed(lambda: sample(ones), device, repeats)
+        res["decoder_seconds"] = clock.seconds / repeats
+        seconds, flops = t1, flops1
+        for key, n in knobs.items():
+            if n <= 1:
+                continue
+            more = {**ones, key: 1 + probe_steps}
+            flops_k = counted(more)
+            if flops_k == flops1:  # a knob that sampling does not use
+                continue
+            t_k = _timed(lambda more=more: sample(more), device, repeats)
+            seconds += (n - 1) * (t_k - t1) / probe_steps
+            flops += (n - 1) * (flops_k - flops1) // probe_steps
+    res.update(kind="sample", seconds=seconds, seconds_no_decoders=seconds - res["decoder_seconds"],
+               tflops=flops / 1e12, peak_gb=mem.peak_mb / 1024,
+               seconds_method=f"median of {repeats}, extrapolated from 1 and 1 + {probe_steps} steps per step count")
+    if seconds < full_below:
+        res["seconds_full"] = _timed(lambda: sample(knobs), device, 1)
+    rows = [res]
+    if train:
+        rows += [_time_train_step(res, method, cfg, stage, device, repeats) for stage in method.stages]
+    return {"rows": rows}
+
+
+def _time_train_step(sample_row: dict, method, cfg, stage: str, device, repeats: int) -> dict:
+    import torch
+
+    row = {k: sample_row[k] for k in ("name", "method", "setting", "device")}
+    row.update(kind=f"train:{stage}", sampling="one optimiser step (AdamW), batch 1")
+    opt = None
+    try:
+        _, batch = _inputs(cfg, method, None, 1)
+        batch = batch.to(device)
+        method.train()
+        params = _freeze_for(method, stage)
+        opt = torch.optim.AdamW(params, lr=1e-6)
+
+        def step():
+            with _autocast(cfg, device):
+                loss = method.loss(stage, batch)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        with PeakMemory(device) as mem:
+            with count_flops() as (counter, _):
+                step()  # untimed: optimiser state, kernel selection
+            row["seconds"] = _timed(step, device, repeats)
+        row.update(tflops=counter.get_total_flops() / 1e12, peak_gb=mem.peak_mb / 1024,
+                   seconds_method=f"median of {repeats} steps after one untimed", params_m=sum(p.numel() for p in params) / 1e6)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: the row says so, the other stages go on
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    finally:
+        opt = None  # its state is freed before the next stage
+        method.zero_grad(set_to_none=True)
+        method.eval()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def peak_probe_tflops(device) -> float:
+    """The device's best bf16 matmul rate (TFLOP/s): 8192^2 products on a GPU, the CPU probe's 2048^2 elsewhere."""
+    import torch
+
+    from benchmarks.machine import matmul_gflops
+
+    n = 8192 if device.type == "cuda" else None
+    return matmul_gflops(torch.bfloat16, n=n, seconds_budget=2.0, min_repeats=5, device=device) / 1e3
+
+
+def timing_rows(rows: list[dict], preset: dict, peak: float) -> list[dict]:
+    """Adds achieved TFLOP/s, the fraction of the peak probe, and each sampling row's ratio to its baseline and
+    the paper's figures (from the preset's `paper.seconds`, `paper.peak_gb`, `paper.hardware`)."""
+    samples = {r["name"]: r for r in rows if r.get("kind") == "sample" and r.get("seconds")}
+    for r in rows:
+        r["peak_probe_tflops"] = peak
+        if r.get("seconds") and r.get("tflops"):
+            r["achieved_tflops_per_s"] = r["tflops"] / r["seconds"]
+            r["fraction_of_peak"] = r["achieved_tflops_per_s"] / peak
+        if r.get("kind") != "sample":
+            continue
+        paper = preset["settings"][r["name"]].get("paper", {})
+        base = samples.get(paper.get("baseline"))
+        r["baseline"] = base["method"] if base else paper.get("baseline")
+        if base and r.get("seconds"):  # the papers time the denoisers: decoders left out
+            r["seconds_vs_baseline"] = r["seconds_no_decoders"] / base["seconds_no_decoders"]
+        r["paper_seconds"] = paper.get("seconds")
+        r["paper_peak_gb"] = paper.get("peak_gb")
+        r["paper_hardware"] = paper.get("hardware")
+        base_paper = preset["settings"].get(paper.get("baseline"), {}).get("paper", {}).get("seconds")
+        if paper.get("seconds") and base_paper:
+            r["paper_vs_baseline"] = paper["seconds"] / base_paper
+    return rows
+
+
+def timing_markdown(rows: list[dict]) -> str:
+    head = ["method", "setting", "what", "device", "seconds", "(full run)", "no decoders", "TFLOPs", "TFLOP/s",
+            "of peak", "peak GB", "vs baseline (no decoders)", "paper s", "paper vs baseline"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        what = r["sampling"] if r["kind"] == "sample" else r["kind"]
+        if r.get("error"):
+            lines.append(f"| {r['method']} | {r['setting']} | {what} | {r.get('device', '')} | failed: {r['error']} |"
+                         + " |" * (len(head) - 5))
+            continue
+        frac = r.get("fraction_of_peak")
+        cells = [r["method"], r["setting"], what, r.get("device", ""), _g(r.get("seconds")), _g(r.get("seconds_full")),
+                 _g(r.get("seconds_no_decoders")), _g(r.get("tflops"), 4), _g(r.get("achieved_tflops_per_s")),
+                 f"{frac:.0%}" if frac else "",
+                 _g(r.get("peak_gb")), _g(r.get("seconds_vs_baseline")), _g(r.get("paper_seconds")),
+                 _g(r.get("paper_vs_baseline"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _time_in_subprocess(preset_name: str, name: str, argv: list[str]) -> list[dict]:
+    """`time_setting` in a fresh interpreter: an out-of-memory crash or a memory peak stays with its setting."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                          env.get("PYTHONPATH")]))
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.efficiency", "--timing-worker", preset_name, name,
+                               str(out), *argv], capture_output=True, text=True, env=env)
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return [{"name": name, "kind": "sample", "error": f"worker exited {proc.returncode}: {tail[0]}"}]
+        return json.loads(out.read_text())
+
+
+def paper_timing_main(opts: dict) -> list[dict]:
+    """`preset=<name> timing=on`: every setting of the preset's table (or `settings=`) timed on this machine's
+    accelerator, each in its own subprocess; efficiency_paper_timing.csv is rewritten after each setting."""
+    import torch
+
+    preset = load_preset(opts["preset"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(opts["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    names = opts["settings"] or preset["table"]
+    unknown = [n for n in names if n not in preset["settings"]]
+    if unknown:
+        raise SystemExit(f"error: no setting(s) {unknown} in preset {opts['preset']}; "
+                         f"choose from: {', '.join(preset['settings'])}")
+    peak = peak_probe_tflops(device)
+    print(f"[peak probe] bf16 matmul on {_device_name(device)}: {peak:.1f} TFLOP/s", flush=True)
+    worker_args = [f"repeats={opts['repeats']}", f"train={opts['train']}"]
+    rows: list[dict] = []
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"[{name}] timing ...", flush=True)
+        got = _time_in_subprocess(opts["preset"], name, worker_args)
+        for r in got:
+            r.setdefault("method", preset["settings"][name].get("label", name))
+            r.setdefault("setting", "")
+            r.setdefault("sampling", "")
+        rows += got
+        failed = [r["error"] for r in got if r.get("error")]
+        print(f"[{name}] {'; '.join(failed) if failed else 'done'} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        timing_rows(rows, preset, peak)
+        _write_csv(out / "efficiency_paper_timing.csv", rows, list(TIMING_COLUMNS))
+    print(timing_markdown(rows))
+    print(f"wrote {out}/efficiency_paper_timing.csv")
+    return rows
+
+
 # --- command line ----------------------------------------------------------------------------------------
 
 
 def _parse(argv: list[str]) -> tuple[dict, list[str]]:
     opts = {"methods": None, "out": "results/efficiency", "repeats": 1, "timing": "auto", "train": True,
-            "preset": None, "exact": False, "sweep": True, "resolutions": None}
+            "preset": None, "exact": False, "sweep": True, "resolutions": None, "settings": None}
     rest = []
     for a in argv:
         key, _, value = a.partition("=")
         if key not in OWN_KEYS:
             rest.append(a)
-        elif key == "methods":
-            opts["methods"] = [m for m in value.split(",") if m]
+        elif key in ("methods", "settings"):
+            opts[key] = [m for m in value.split(",") if m]
         elif key == "repeats":
             opts["repeats"] = max(1, int(value))
         elif key == "timing":
@@ -1106,13 +1444,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
         opts, rest = _parse(argv)
         path.write_text(json.dumps(measure(method, rest, opts["repeats"], opts["timing"], opts["train"]), default=str))
         return []
+    if argv[:1] == ["--timing-worker"]:  # one preset setting timed, rows as JSON (see _time_in_subprocess)
+        import torch
+
+        torch.backends.cudnn.benchmark = True  # as a GPU training run would; the untimed first runs tune it
+
+        preset_name, name, path, argv = argv[1], argv[2], Path(argv[3]), argv[4:]
+        opts, _ = _parse(argv)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        preset = load_preset(preset_name)
+        train = opts["train"] and "like" not in preset["settings"][name]  # `like`: the same networks as another
+        res = time_setting(preset, name, device, repeats=opts["repeats"], train=train)
+        path.write_text(json.dumps(res["rows"], default=str))
+        return []
     from methods import METHODS
 
     opts, rest = _parse(argv)
     if opts["preset"]:
         if rest or opts["methods"]:
-            raise SystemExit(f"error: preset={opts['preset']} takes only out=, exact=, sweep= and resolutions=; "
-                             f"its settings are in configs/efficiency/{opts['preset']}.yaml (got {rest or argv})")
+            raise SystemExit(f"error: preset={opts['preset']} takes only out=, exact=, sweep=, resolutions=, "
+                             f"settings=, timing=, repeats= and train=; its settings are in "
+                             f"configs/efficiency/{opts['preset']}.yaml (got {rest or argv})")
+        if opts["timing"] == "on":  # seconds on this machine's accelerator; otherwise FLOPs on meta
+            return paper_timing_main(opts)
         return paper_settings_main(opts)
     methods = opts["methods"] or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -1121,6 +1475,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     methods = sorted(methods, key=lambda m: m != BASELINE)  # the baseline first
     argv = argv + matched_shape(methods[0], rest)
     results = []
+    out = Path(opts["out"])
+    out.mkdir(parents=True, exist_ok=True)
     for m in methods:
         t0 = time.perf_counter()
         print(f"[{m}] measuring ...", flush=True)
@@ -1128,10 +1484,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"[{m}] {'error: ' + r['error'] if 'error' in r else 'done'} ({time.perf_counter() - t0:.0f}s)",
               flush=True)
         results.append(r)
-    with_ratios(results)
-    out = Path(opts["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "efficiency.csv", results, list(MAIN_COLUMNS))
+        with_ratios(results)
+        _write_csv(out / "efficiency.csv", results, list(MAIN_COLUMNS))  # after each method: a stopped run keeps it
     _write_csv(out / "efficiency_parts.csv", parts_rows(results))
     _write_csv(out / "efficiency_reported.csv", reported_rows(results))
     bar_chart(results, out / "efficiency.png")

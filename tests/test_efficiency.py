@@ -261,3 +261,55 @@ def test_cli_preset_writes_the_table_the_sweep_and_the_plot(preset, tmp_path):
     with Image.open(out / "efficiency_vs_resolution.png") as im:
         assert im.format == "PNG" and im.size[0] > 600
     assert "| PVDM-L" in proc.stdout and "MACs; layers, no CFG, no decoders" in proc.stdout
+
+
+# --- the papers' settings timed (timing=on: meant for a GPU; here on the CPU at scale=test) --------------
+
+
+@pytest.fixture(scope="module")
+def tiny_preset():
+    """Two settings at test-scale networks: CMD (with its own motion step knob) against a VDM baseline."""
+    common = {"video": [8, 16, 16], "num_classes": 1, "steps": 3}
+    return {"diffusers": {}, "table": ["cmd", "vdm"], "settings": {
+        "cmd": {**common, "method": "cmd", "label": "CMD",
+                "overrides": ["scale=test", "method.content.init=scratch", "method.sampling.motion_steps=4"],
+                "paper": {"seconds": 3.13, "baseline": "vdm", "hardware": "A100"}},
+        "vdm": {**common, "method": "vdm", "label": "VDM", "overrides": ["scale=test"], "paper": {"seconds": 35.1}}}}
+
+
+def test_timing_counts_what_the_trace_counts_and_times_every_stage(tiny_preset):
+    cpu = torch.device("cpu")
+    rows = eff.time_setting(tiny_preset, "cmd", cpu, repeats=1, probe_steps=2)["rows"]
+    sample, train = rows[0], rows[1:]
+    # FLOPs extrapolated from 1 and 1 + 2 steps of each step count (3 content, 4 motion) = every step traced
+    traced = eff.measure_setting(tiny_preset, "cmd", exact=True, counts=("ours",))
+    assert sample["tflops"] * 1e12 == pytest.approx(traced["total_flops"], rel=1e-6)
+    assert sample["sampling"] == "3 content (CFG s=4) + 4 motion (no CFG)"
+    assert 0 < sample["decoder_seconds"] < sample["seconds"] and sample["seconds_full"] > 0
+    assert sample["seconds_no_decoders"] == pytest.approx(sample["seconds"] - sample["decoder_seconds"])
+    assert [r["kind"] for r in train] == ["train:autoencoder", "train:content", "train:motion"]
+    for r in train:
+        assert "error" not in r and r["seconds"] > 0 and r["tflops"] > 0 and r["params_m"] > 0
+    vdm = eff.time_setting(tiny_preset, "vdm", cpu, repeats=1, train=False)["rows"]
+    eff.timing_rows(rows + vdm, tiny_preset, peak=1.0)
+    assert sample["baseline"] == "VDM" and sample["paper_vs_baseline"] == pytest.approx(3.13 / 35.1)
+    assert sample["seconds_vs_baseline"] == pytest.approx(sample["seconds_no_decoders"] / vdm[0]["seconds_no_decoders"])
+    assert sample["achieved_tflops_per_s"] == pytest.approx(sample["tflops"] / sample["seconds"])
+
+
+def test_cli_timing_writes_its_table_per_setting(tiny_preset, tmp_path):
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.create(tiny_preset), tmp_path / "tiny.yaml")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.efficiency", f"preset={tmp_path / 'tiny.yaml'}",
+                           "timing=on", "settings=vdm", "repeats=1", f"out={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(out / "efficiency_paper_timing.csv")))
+    assert [r["kind"] for r in rows] == ["sample", "train:denoiser"]
+    assert all(float(r["seconds"]) > 0 and float(r["fraction_of_peak"]) > 0 for r in rows)
+    assert "[peak probe] bf16 matmul" in proc.stdout and "| VDM |" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.efficiency", f"preset={tmp_path / 'tiny.yaml'}",
+                          "timing=on", "settings=nope", f"out={out}"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode != 0 and "no setting(s) ['nope']" in bad.stderr and "cmd, vdm" in bad.stderr
