@@ -1330,17 +1330,8 @@ def timing_markdown(rows: list[dict]) -> str:
 
 def _time_in_subprocess(preset_name: str, name: str, argv: list[str]) -> list[dict]:
     """`time_setting` in a fresh interpreter: an out-of-memory crash or a memory peak stays with its setting."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rows.json"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                          env.get("PYTHONPATH")]))
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.efficiency", "--timing-worker", preset_name, name,
-                               str(out), *argv], capture_output=True, text=True, env=env)
-        if proc.returncode != 0 or not out.exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            return [{"name": name, "kind": "sample", "error": f"worker exited {proc.returncode}: {tail[0]}"}]
-        return json.loads(out.read_text())
+    rows = _in_subprocess(["--timing-worker", preset_name, name], argv)
+    return [{"name": name, "kind": "sample", **rows}] if isinstance(rows, dict) else rows
 
 
 def paper_timing_main(opts: dict) -> list[dict]:
@@ -1419,19 +1410,26 @@ def matched_shape(method: str, overrides: list[str]) -> list[str]:
     return [f"dataset.{k}={getattr(ds, k)}" for k in ("resolution", "frames") if f"dataset.{k}" not in given]
 
 
-def _measure_in_subprocess(method: str, argv: list[str]) -> dict:
-    """`measure` in a fresh interpreter: memory peaks of one method cannot leak into another's."""
+def _in_subprocess(worker: list[str], argv: list[str]):
+    """`python -m benchmarks.efficiency <worker...> <result.json> <argv...>` in a fresh interpreter; its JSON
+    result, or {"error": ...} with the last line it printed where it failed."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                           env.get("PYTHONPATH")]))
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.efficiency", "--worker", method, str(out), *argv],
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.efficiency", *worker, str(out), *argv],
                               capture_output=True, text=True, env=env)
         if proc.returncode != 0 or not out.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            return {"method": method, "error": f"worker exited {proc.returncode}: {tail[0]}"}
+            return {"error": f"worker exited {proc.returncode}: {tail[0]}"}
         return json.loads(out.read_text())
+
+
+def _measure_in_subprocess(method: str, argv: list[str]) -> dict:
+    """`measure` in a fresh interpreter: memory peaks of one method cannot leak into another's."""
+    res = _in_subprocess(["--worker", method], argv)
+    return {"method": method, **res} if "error" in res else res
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
