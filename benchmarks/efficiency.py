@@ -521,26 +521,29 @@ def _time_sampling(res: dict, model, cfg, cond, device, repeats: int) -> None:
                repeats=repeats)
 
 
-def _time_training(rec: dict, model, cfg, stage: str, batch, device, repeats: int) -> None:
+def _time_training(rec: dict, model, cfg, stage: str, batch, device, repeats: int, count: bool = False) -> None:
+    """Seconds per optimiser step (AdamW) of `stage` (median of `repeats` after one untimed step) and the peak
+    memory of those steps; with `count`, the FLOPs of the untimed step and the trained parameters too."""
     import torch
 
     model.train()
     params = _freeze_for(model, stage)
     opt = torch.optim.AdamW(params, lr=1e-6)
-    times = []
+
+    def step():
+        with _autocast(cfg, device):
+            loss = model.loss(stage, batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     with PeakMemory(device) as mem:
-        for i in range(repeats + 1):  # the first step (optimizer state allocation) is not timed
-            _sync(device)
-            t0 = time.perf_counter()
-            with _autocast(cfg, device):
-                loss = model.loss(stage, batch)["loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(device)
-            if i:
-                times.append(time.perf_counter() - t0)
-    rec.update(step_seconds=statistics.median(times), train_peak_mb=mem.peak_mb)
+        with count_flops() if count else nullcontext((None, None)) as (counter, _):
+            step()  # not timed: optimiser state allocation, kernel selection
+        rec["step_seconds"] = _timed(step, device, repeats)
+    rec["train_peak_mb"] = mem.peak_mb
+    if count:
+        rec.update(train_flops=counter.get_total_flops(), train_params=sum(p.numel() for p in params))
 
 
 # --- tables -------------------------------------------------------------------------------------------
@@ -1231,31 +1234,15 @@ def _time_train_step(sample_row: dict, method, cfg, stage: str, device, repeats:
 
     row = {k: sample_row[k] for k in ("name", "method", "setting", "device")}
     row.update(kind=f"train:{stage}", sampling="one optimiser step (AdamW), batch 1")
-    opt = None
     try:
         _, batch = _inputs(cfg, method, None, 1)
-        batch = batch.to(device)
-        method.train()
-        params = _freeze_for(method, stage)
-        opt = torch.optim.AdamW(params, lr=1e-6)
-
-        def step():
-            with _autocast(cfg, device):
-                loss = method.loss(stage, batch)["loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        with PeakMemory(device) as mem:
-            with count_flops() as (counter, _):
-                step()  # untimed: optimiser state, kernel selection
-            row["seconds"] = _timed(step, device, repeats)
-        row.update(tflops=counter.get_total_flops() / 1e12, peak_gb=mem.peak_mb / 1024,
-                   seconds_method=f"median of {repeats} steps after one untimed", params_m=sum(p.numel() for p in params) / 1e6)
+        rec: dict = {}
+        _time_training(rec, method, cfg, stage, batch.to(device), device, repeats, count=True)
+        row.update(seconds=rec["step_seconds"], tflops=rec["train_flops"] / 1e12, peak_gb=rec["train_peak_mb"] / 1024,
+                   seconds_method=f"median of {repeats} steps after one untimed", params_m=rec["train_params"] / 1e6)
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: the row says so, the other stages go on
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    finally:
-        opt = None  # its state is freed before the next stage
+    finally:  # the optimiser's state went with `_time_training`'s frame
         method.zero_grad(set_to_none=True)
         method.eval()
         if device.type == "cuda":
