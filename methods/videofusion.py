@@ -14,6 +14,16 @@ Notation (paper section 3; per video of N frames, frame index i, key frame k = f
 With a Stable Diffusion prior (`image_prior.diffusers_path` holding `vae/`) the whole decomposition runs
 on per-frame VAE latents (C, H, W above are the latent's), z_b starts from the folder's UNet conditioned
 through its own text encoder (methods/image_prior.py), and samples are decoded frame by frame.
+Objective (`image_prior.diffusion.objective`, both generators): eps, as written above; or v, the
+parametrisation of VDM's and CMD's tiny presets. With v, z_b predicts the key frame's
+v_k = sqrt(a) b - sqrt(1 - a) x0^k (a = alpha_bar_t; the image prior's own objective) and b_hat =
+sqrt(a) x_t^k + sqrt(1 - a) v_hat_k exactly; z_r predicts the v of the base-removed frame, which is a
+diffusion of x0^i with noise scale s_i = sqrt(1 - lam_i) sqrt(1 - a):
+    x'_t^i = sqrt(a) x0^i + s_i r*_i,   r*_i = (eps_i - sqrt(lam_i) b_hat) / sqrt(1 - lam_i)
+    w_i    = (sqrt(a) r*_i - s_i x0^i) / n_i,   n_i = sqrt(a + s_i^2)
+    r_hat  = sqrt(a) w_hat / n_i + s_i x'_t^i / n_i^2                       (exact: w_hat = w_i gives r*_i)
+r*_i is the residual that makes eq. 10 exact given b_hat, the optimum of the eps loss too, so eq. 9, eq. 10
+and the stop-gradient are unchanged: only what the two networks output is, as v is only eps re-weighted.
 Every frame's marginal is the usual DDPM one, so a standard DDIM step per frame samples it,
 with the start noise and (eta > 0) the step noise drawn from the same decomposition: this
 is the sampler's `noise_fn`. The base generator learns only from the key-frame loss (the
@@ -35,6 +45,8 @@ from methods.nets.cond_denoiser import CondDenoiser
 from methods.nets.embed import TextEncoderConfig, trainable
 from methods.nets.unet import UNet, UNetConfig
 from methods.vdm import run_sampler
+
+OBJECTIVES = ("eps", "v")  # what z_b and z_r output (x0 is not offered: its eps is unstable at low noise)
 
 
 @dataclass
@@ -71,17 +83,19 @@ class VideoFusion(VideoGenerator):
             raise ValueError(f"method.lam must be in [0, 1), got {cfg.lam}")
         if cfg.base_init not in ("image_prior", "scratch"):
             raise ValueError(f"method.base_init must be 'image_prior' or 'scratch', got {cfg.base_init!r}")
-        if cfg.image_prior.diffusion.objective != "eps" and not cfg.image_prior.diffusers_path:
-            raise ValueError("VideoFusion's noise decomposition needs eps-prediction: set "
-                             "method.image_prior.diffusion.objective=eps")
+        if cfg.image_prior.diffusion.objective not in OBJECTIVES and not cfg.image_prior.diffusers_path:
+            raise ValueError(f"VideoFusion's generators predict eps or v (converted exactly to its decomposed noise), "
+                             f"got method.image_prior.diffusion.objective={cfg.image_prior.diffusion.objective!r}: "
+                             "set it to eps or v")
         self.cfg = cfg
         self.key = data.frames // 2  # k = floor(N / 2)
         self.base = ImagePrior(cfg.image_prior, data)  # z_b (a Stable Diffusion folder's UNet, text encoder, VAE)
-        if self.base.objective != "eps":  # a folder's scheduler may say v_prediction (SD 2.x 768)
+        if self.base.objective not in OBJECTIVES:  # a folder's scheduler may say "sample" (x0)
             raise ValueError(
-                "VideoFusion's noise decomposition needs eps-prediction; the image prior predicts "
-                f"{self.base.objective!r} ({self.base.schedule}): use an epsilon-prediction Stable Diffusion folder, "
-                "or set method.image_prior.scheduler=config with method.image_prior.diffusion.objective=eps")
+                "VideoFusion's generators predict eps or v; the image prior predicts "
+                f"{self.base.objective!r} ({self.base.schedule}): use an epsilon- or v-prediction Stable Diffusion "
+                "folder, or set method.image_prior.scheduler=config with method.image_prior.diffusion.objective=eps")
+        self.objective = self.base.objective  # z_r's output follows z_b's (a v folder makes both v)
         if cfg.base_init == "image_prior":
             self.image_prior = ImagePrior(cfg.image_prior, data)
         else:
@@ -177,6 +191,29 @@ class VideoFusion(VideoGenerator):
         a = D.append_dims(self.alpha_bar.to(x_t.device)[t], x_t.ndim).to(x_t.dtype)
         return x_t - self._lam(x_t).sqrt() * (1 - a).sqrt() * eps_base[:, :, None]
 
+    def _residual_scales(self, t: Tensor, lam: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """sqrt(a), s_i = sqrt(1 - lam_i) sqrt(1 - a) and n_i = sqrt(a + s_i^2) for frames with shares `lam`
+        (1, 1, T', 1, 1), each broadcast to (B, 1, T', 1, 1)."""
+        a = D.append_dims(self.alpha_bar.to(like.device)[t], like.ndim).to(like.dtype)
+        s = (1 - lam).sqrt() * (1 - a).sqrt()
+        return a.sqrt(), s, (a + s * s).sqrt()
+
+    def residual_target(self, x0: Tensor, r: Tensor, t: Tensor, lam: Tensor) -> Tensor:
+        """What z_r regresses for frames x0 (B, C, T', H, W) with residual noise r and shares lam < 1 (1, 1, T', 1, 1):
+        r itself (eps), or w_i of the base-removed frame (v; see the module docstring)."""
+        if self.objective == "eps":
+            return r
+        alpha, s, n = self._residual_scales(t, lam, x0)
+        return (alpha * r - s * x0) / n
+
+    def residual_noise(self, out: Tensor, x_res: Tensor, t: Tensor, lam: Tensor) -> Tensor:
+        """z_r's output -> r_hat for base-removed frames x_res (B, C, T', H, W) with shares lam (1, 1, T', 1, 1)
+        (the key frame's r_hat, if included, has weight sqrt(1 - lam_k) = 0 in eq. 10)."""
+        if self.objective == "eps":
+            return out
+        alpha, s, n = self._residual_scales(t, lam, x_res)
+        return alpha * out / n + s * x_res / (n * n)
+
     # --- training -------------------------------------------------------------------------------
 
     def loss(self, stage: str, batch: VideoBatch) -> dict[str, Tensor]:
@@ -193,18 +230,24 @@ class VideoFusion(VideoGenerator):
         eps = self.noise(video)  # (B, C, T, H, W)
         x_t = D.q_sample(video, t, self.alpha_bar, eps)
         drop = self.base.denoiser.random_drop(B, self.cfg.image_prior.diffusion.cond_drop_prob, video.device)
-        # 1. base generator on the key frame predicts b = eps_k (its only loss)
-        eps_base = self.base.denoiser(x_t[:, :, self.key], t, cond, drop)  # (B, C, H, W)
-        loss_base = (eps_base.float() - eps[:, :, self.key].float()).pow(2).mean()
+        # 1. base generator on the key frame predicts b = eps_k (its only loss; as v: v_k)
+        k, x_key = self.key, x_t[:, :, self.key]
+        out_base = self.base.denoiser(x_key, t, cond, drop)  # (B, C, H, W)
+        target = D.training_target(video[:, :, k], t, eps[:, :, k], self.alpha_bar, self.objective)
+        loss_base = (out_base.float() - target.float()).pow(2).mean()
         # 2. residual generator on the base-removed frames, with z_b behind a stop-gradient (eq. 11)
-        sg = eps_base.detach()
-        r_hat = self._residual(self._remove_base(x_t, t, sg), t, cond, drop)
-        lam = self._lam(x_t)
-        eps_hat = lam.sqrt() * sg[:, :, None] + (1 - lam).sqrt() * r_hat
-        err = (eps_hat.float() - eps.float()).pow(2)  # (B, C, T, H, W)
+        sg = D.to_eps(out_base.detach(), x_key, t, self.alpha_bar, self.objective)  # b_hat
+        out = self._residual(self._remove_base(x_t, t, sg), t, cond, drop)
         others = torch.ones(video.shape[2], dtype=torch.bool, device=video.device)
-        others[self.key] = False
-        loss_res = err[:, :, others].mean()
+        others[k] = False
+        lam = self._lam(x_t)[:, :, others]  # (1, 1, T - 1, 1, 1), all < 1
+        if self.objective == "eps":  # eq. 10 against eps, as the paper writes it
+            pred = lam.sqrt() * sg[:, :, None] + (1 - lam).sqrt() * out[:, :, others]
+            target = eps[:, :, others]
+        else:  # z_r's v target of the residual r*_i that makes eq. 10 exact given b_hat (module docstring)
+            r_star = (eps[:, :, others] - lam.sqrt() * sg[:, :, None]) / (1 - lam).sqrt()
+            pred, target = out[:, :, others], self.residual_target(video[:, :, others], r_star, t, lam)
+        loss_res = (pred.float() - target.float()).pow(2).mean()
         # the parts stay attached to the graph (the trainer detaches what it logs): tests check the stop-gradient
         return {"loss": loss_base + loss_res, "loss_base": loss_base, "loss_residual": loss_res}
 
@@ -216,13 +259,14 @@ class VideoFusion(VideoGenerator):
         null = torch.ones(len(cond), dtype=torch.bool, device=self.lam.device) if len(cond) else None
 
         def model(x_t: Tensor, t: Tensor) -> Tensor:
-            eps_base = base(x_t[:, :, self.key], t)  # (B, C, H, W)
+            x_key = x_t[:, :, self.key]
+            eps_base = D.to_eps(base(x_key, t), x_key, t, self.alpha_bar, self.objective)  # b_hat (B, C, H, W)
             x_res = self._remove_base(x_t, t, eps_base)
-            r_hat = self._residual(x_res, t, cond, None)
-            if guidance != D.NO_GUIDANCE and null is not None:
-                r_hat = D.cfg_combine(r_hat, self._residual(x_res, t, cond, null), guidance)
+            out = self._residual(x_res, t, cond, None)
+            if guidance != D.NO_GUIDANCE and null is not None:  # guided output; v -> r is affine: the same either way
+                out = D.cfg_combine(out, self._residual(x_res, t, cond, null), guidance)
             lam = self._lam(x_t)
-            return lam.sqrt() * eps_base[:, :, None] + (1 - lam).sqrt() * r_hat
+            return lam.sqrt() * eps_base[:, :, None] + (1 - lam).sqrt() * self.residual_noise(out, x_res, t, lam)
 
         return model
 

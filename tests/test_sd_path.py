@@ -157,8 +157,8 @@ def test_v_prediction_folder(tmp_path):
 
     root = build_tiny_sd(tmp_path / "sd_v", prediction_type="v_prediction")
     assert ImagePrior(ImagePriorConfig(diffusers_path=str(root)), DATA).objective == "v"
-    with pytest.raises(ValueError, match="eps-prediction"):  # VideoFusion's decomposition is of eps
-        VideoFusion(VideoFusionConfig(image_prior=ImagePriorConfig(diffusers_path=str(root))), DATA)
+    vf = VideoFusion(VideoFusionConfig(image_prior=ImagePriorConfig(diffusers_path=str(root))), DATA)
+    assert vf.objective == "v"  # both generators then predict v, converted exactly to the decomposed noise
 
 
 # --- SD's text conditioning, with the weights as loaded ---------------------------------------------------
