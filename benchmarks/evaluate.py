@@ -211,6 +211,22 @@ def evaluate_folder(cfg, folder: Path, captions_file: Path | None, *, loop_short
             "looped_videos": len(report.looped), "resized_videos": len(report.resized), **out}
 
 
+def _reevaluated_config(stored: dict, cfg) -> dict:
+    """The config a re-evaluation's numbers belong to. Overrides that change them (`sample.guidance=5`) make it
+    another experiment: the row then holds the overridden config and its hash, so the leaderboard gives it its own
+    line (with the setting as a column) and a sweep job of that config finds it. Keys the stored config lacks
+    (added to the schema after the run) do not count: re-scoring an old run still replaces its row."""
+    from benchmarks.config import config_hash, to_container
+    from benchmarks.run_folder import config_difference
+
+    if not isinstance(stored.get("config"), dict):
+        return {}
+    wanted = to_container(cfg)
+    if not any(old != "<absent>" for _, old, _ in config_difference(stored["config"], wanted)):
+        return {}
+    return {"config": wanted, "config_sha256": config_hash(wanted)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or any(a in ("-h", "--help") for a in argv):
@@ -253,8 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
         if stored is not None:  # a re-evaluation: the run's own fields, the new scores; it replaces the run's row
             from datetime import datetime
 
-            row = {**stored, **row, **extra, "reevaluation_of": stored.get("run_dir", own["run"]),
-                   "time": datetime.now().isoformat(timespec="seconds")}
+            row = {**stored, **row, **extra, **_reevaluated_config(stored, cfg),
+                   "reevaluation_of": stored.get("run_dir", own["run"]), "time": datetime.now().isoformat(timespec="seconds")}
         append_row(cfg.results, {**row, **extra})
     print(json.dumps(row, indent=2, default=str))
     return row

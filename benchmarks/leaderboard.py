@@ -8,7 +8,8 @@ Options: --results PATH (default results/results.jsonl), --dataset/--method/--ta
 (comma-separated lists; --task class,image+class), --metric NAME (PNG y axis), --cost seconds|gflops|params (PNG x axis),
 --strict (exit with an error instead of splitting a metric over protocols), --out PATH,
 --include-degenerate (keep runs whose samples were NaN / constant / static, marked; default: left out).
-One row per run folder: a re-evaluation (`benchmarks.evaluate run=X append=true`) replaces its run's row.
+One row per run folder and config: a re-evaluation (`benchmarks.evaluate run=X append=true`) replaces its run's row;
+one at other sampling settings (`sample.guidance=5`) is its own row, its setting a column.
 
 Runs that differ only in their seed are one entry: mean ± sample std over seeds. A metric is
 only put in one column when its protocol (detector and its sha256, n_gen, n_real, frames,
@@ -58,7 +59,10 @@ METRIC_PROTOCOL = {
 PROTOCOL_FIELDS = tuple(dict.fromkeys(COMMON_PROTOCOL + sum(METRIC_PROTOCOL.values(), ())))
 COST_FIELDS = {"seconds": "sample_seconds_per_video", "gflops": "gflops_per_video", "params": "params"}
 # Config keys that never change a result (paths, labels) and the seed (aggregated over).
-NOT_A_SETTING = ("run_dir", "runs_root", "results", "tag", "cache_dir", "seed")
+# benchmarks.config.HOW_KEYS (not imported: it imports torch; a test keeps them in step) and the seed
+NOT_A_SETTING = ("run_dir", "runs_root", "results", "tag", "cache_dir", "seed", "trainer.progress_bar",
+                 "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "data.num_workers", "data.pin_memory",
+                 "eval.cache_real_stats")
 # Config keys added later, equal to absent while at their default (benchmarks.config.ABSENT_AT_DEFAULT; not
 # imported: it imports torch)
 ABSENT_AT_DEFAULT = {"trainer.time_budget": None, "trainer.compile": False, "trainer.channels_last": False,
@@ -141,14 +145,14 @@ def from_csv(text: str) -> list[dict]:
 
 
 def latest_per_run(rows: list[dict]) -> list[dict]:
-    """One row per run folder: a re-evaluation (`benchmarks.evaluate run=X append=true`) replaces the run's row."""
-    last: dict[str, int] = {}
-    for i, r in enumerate(rows):
-        key = r.get("reevaluation_of") or r.get("run_dir")
-        if key:
-            last[str(key)] = i
-    return [r for i, r in enumerate(rows)
-            if not (r.get("reevaluation_of") or r.get("run_dir")) or last[str(r.get("reevaluation_of") or r.get("run_dir"))] == i]
+    """One row per run folder and config: a re-evaluation (`benchmarks.evaluate run=X append=true`) replaces the
+    run's row; one at other sampling settings (`sample.guidance=5`: another config hash) is a row of its own."""
+    def key(r: dict) -> tuple[str, str] | None:
+        run = r.get("reevaluation_of") or r.get("run_dir")
+        return (str(run), str(r.get("config_sha256"))) if run else None
+
+    last = {key(r): i for i, r in enumerate(rows) if key(r)}
+    return [r for i, r in enumerate(rows) if key(r) is None or last[key(r)] == i]
 
 
 def select(rows: list[dict], *, dataset=None, method=None, tag=None, scale=None, task=None,
@@ -182,7 +186,8 @@ def settings(row: dict) -> dict:
         cfg = {k: row.get(k) for k in ("method", "dataset", "scale", "steps", "guidance", "sampler", "ema_decay",
                                        "precision", "resolution", "frames")}
     flat = flatten({k: v for k, v in cfg.items() if k not in NOT_A_SETTING})
-    return {k: v for k, v in flat.items() if not (k in ABSENT_AT_DEFAULT and v == ABSENT_AT_DEFAULT[k])}
+    return {k: v for k, v in flat.items() if k not in NOT_A_SETTING
+            and not (k in ABSENT_AT_DEFAULT and v == ABSENT_AT_DEFAULT[k])}
 
 
 def row_task(row: dict) -> str | None:

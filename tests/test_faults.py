@@ -141,6 +141,15 @@ def test_a_finished_run_is_not_appended_twice_and_points_to_re_evaluation(tmp_pa
 
     entries = leaderboard.aggregate(leaderboard.select(rows))
     assert [len(e.rows) for e in entries] == [1]  # a re-evaluation is not a second seed
+    assert rows[1]["config_sha256"] == first["config_sha256"]  # the same settings: it replaced the run's row
+    # at another guidance it is another experiment: its own config and hash, its own leaderboard line
+    evaluate.main([f"run={folder.path}", "append=true", "sample.guidance=3.5"])
+    rows = _rows(tmp_path)
+    assert rows[2]["config"]["sample"]["guidance"] == 3.5 and rows[2]["guidance"] == 3.5
+    assert rows[2]["config_sha256"] != first["config_sha256"]
+    entries = leaderboard.aggregate(leaderboard.select(rows))
+    assert sorted(e.swept["sample.guidance"] for e in entries) == sorted([first["guidance"], 3.5])
+    assert "sample.guidance" in leaderboard.to_markdown(entries)
 
 
 # --- checks before the first training step -----------------------------------------------------------

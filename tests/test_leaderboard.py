@@ -125,3 +125,15 @@ def test_a_protocol_field_splits_only_the_metrics_it_defines(tmp_path):
     header = [c.strip() for c in next(ln for ln in text.splitlines() if ln.startswith("| method")).split("|")]
     assert "fvd" in header and "clipsim [A]" in header and "clipsim [B]" in header and "fvd [A]" not in header
     assert "clip_detector_sha256=x" in text
+
+
+def test_how_keys_are_not_settings():
+    """Keys that do not change a result (benchmarks.config.HOW_KEYS) neither split runs nor show as columns."""
+    from benchmarks.config import HOW_KEYS
+
+    assert set(HOW_KEYS) <= set(lb.NOT_A_SETTING), "leaderboard.NOT_A_SETTING must list every HOW key"
+    a, b = _row("vdm", 0), _row("vdm", 1)
+    b["config"]["trainer"] = {"progress_bar": False}
+    b["config"]["data"] = {"num_workers": 4}
+    entries = lb.aggregate([a, b])
+    assert len(entries) == 1 and len(entries[0].rows) == 2 and "trainer.progress_bar" not in entries[0].settings
