@@ -55,6 +55,7 @@ def test_base_generator_learns_only_from_the_key_frame(vf_objective):
     grads_base = torch.autograd.grad(out["loss_base"], base_params, allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads_base)
 
+
 @pytest.mark.parametrize("t", [0, 300, 999])
 def test_v_outputs_convert_exactly_to_the_decomposed_noise(vf_objective, t):
     """Both networks outputting their exact targets make eq. 10 reproduce the true eps of every frame, for any
