@@ -33,6 +33,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.config_keys import ABSENT_AT_DEFAULT, HOW_KEYS
 from benchmarks.results import read_rows
 
 USAGE = __doc__
@@ -58,15 +59,8 @@ METRIC_PROTOCOL = {
 }
 PROTOCOL_FIELDS = tuple(dict.fromkeys(COMMON_PROTOCOL + sum(METRIC_PROTOCOL.values(), ())))
 COST_FIELDS = {"seconds": "sample_seconds_per_video", "gflops": "gflops_per_video", "params": "params"}
-# Config keys that never change a result (paths, labels) and the seed (aggregated over).
-# benchmarks.config.HOW_KEYS (not imported: it imports torch; a test keeps them in step) and the seed
-NOT_A_SETTING = ("run_dir", "runs_root", "results", "tag", "cache_dir", "seed", "trainer.progress_bar",
-                 "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "data.num_workers", "data.pin_memory",
-                 "eval.cache_real_stats")
-# Config keys added later, equal to absent while at their default (benchmarks.config.ABSENT_AT_DEFAULT; not
-# imported: it imports torch)
-ABSENT_AT_DEFAULT = {"trainer.time_budget": None, "trainer.compile": False, "trainer.channels_last": False,
-                     "trainer.attention": "auto"}
+# Config keys that never change a result (paths, labels, progress settings) and the seed (aggregated over).
+NOT_A_SETTING = (*HOW_KEYS, "seed")
 ABSENT = "<absent>"  # CSV cell of a field this run does not have (an empty cell is None)
 FRONT = ("method", "dataset", "scale", "tag", "seed", *METRICS, "is_std", "params", "train_seconds",
          "sample_seconds_per_video", "gflops_per_video", "config_sha256")

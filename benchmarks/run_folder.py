@@ -142,9 +142,9 @@ class RunFolder:
 
 def config_difference(saved: dict, wanted: dict, ignore: tuple[str, ...] | None = None) -> list[tuple[str, object, object]]:
     """[(dotted key, saved value, wanted value)] for every result-defining key that differs (ignore: default
-    benchmarks.config.HOW_KEYS; imported here so that this module stays light for the report's CLI)."""
+    benchmarks.config_keys.HOW_KEYS)."""
     if ignore is None:
-        from benchmarks.config import HOW_KEYS
+        from benchmarks.config_keys import HOW_KEYS
 
         ignore = HOW_KEYS
     a, b = flatten(saved), flatten(wanted)

@@ -1,0 +1,11 @@
+"""Config keys with a special role, in a module that imports nothing (the leaderboard's and the report's CLIs
+stay free of torch; benchmarks.config, which imports the datamodules, re-exports them)."""
+
+# Keys that change *how* a run proceeds, not what it computes: left out of the config hash, and a
+# resumed run may change them. Every other key defines the result.
+HOW_KEYS = ("run_dir", "runs_root", "results", "cache_dir", "tag", "trainer.progress_bar", "trainer.log_every_n_steps",
+            "trainer.checkpoint_every_n_steps", "data.num_workers", "data.pin_memory", "eval.cache_real_stats")
+# Keys added after results were stored, with their defaults: left out of the config hash while at their
+# default, so the hashes of configs written before them (done sweep jobs, finished runs) stay what they were.
+ABSENT_AT_DEFAULT = {"trainer.time_budget": None, "trainer.compile": False, "trainer.channels_last": False,
+                     "trainer.attention": "auto"}
