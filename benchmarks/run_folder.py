@@ -22,6 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from benchmarks.config_keys import HOW_KEYS
 from benchmarks.leaderboard import flatten
 from benchmarks.results import atomic_torch_save, atomic_write_text  # (torch is imported only to load weights)
 
@@ -140,13 +141,9 @@ class RunFolder:
         atomic_write_text(self.metrics_path, json.dumps(row, indent=2, default=str))
 
 
-def config_difference(saved: dict, wanted: dict, ignore: tuple[str, ...] | None = None) -> list[tuple[str, object, object]]:
-    """[(dotted key, saved value, wanted value)] for every result-defining key that differs (ignore: default
-    benchmarks.config_keys.HOW_KEYS)."""
-    if ignore is None:
-        from benchmarks.config_keys import HOW_KEYS
-
-        ignore = HOW_KEYS
+def config_difference(saved: dict, wanted: dict, ignore: tuple[str, ...] = HOW_KEYS) -> list[tuple[str, object, object]]:
+    """[(dotted key, saved value, wanted value)] for every result-defining key that differs (keys in `ignore`,
+    the HOW keys by default, are left out)."""
     a, b = flatten(saved), flatten(wanted)
 
     def ignored(key: str) -> bool:
