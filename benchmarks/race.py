@@ -3,7 +3,8 @@
     python -m benchmarks.race                          # configs/sweep/race.yaml: the six methods on shapes (tiny), 240 s
                                                        # of training each, seeds 0 and 1, 128 generated videos per run
     python -m benchmarks.race budgets=120,240,480      # + budget curves (the budgets other than the main one: first seed)
-    python -m benchmarks.race sweep=race_curves        # the same, from configs/sweep/race_curves.yaml
+    python -m benchmarks.race sweep=race_curves        # curves at 120, 240, 480 s with both seeds at the largest
+    python -m benchmarks.race sweep=race_curves stop_by=05:45   # start no run that would end after 05:45; resume later
     python -m benchmarks.race methods=vdm,dvdm budget=20 seeds=0 scale=test out=/tmp/race   # a quick look
     python -m benchmarks.race --dry-run                # the jobs and which are done
     python -m benchmarks.race --summary-only           # rewrite the tables and plots from the results store
@@ -18,6 +19,13 @@ Race keys (every other key=value is an override for every job, as for benchmarks
     seeds=0,1            instead of the file's seeds
     references=true      also score every task's floor and ceiling (default true; false to skip)
     out=DIR              where the tables and plots go (default docs/results/race)
+    stop_by=HH:MM        start no run that would not finish by then (local time; +M for M minutes from now): its
+                         expected wall time is its budget plus the longest overhead (wall - training seconds) a
+                         finished run of the same method showed in the store, else twice the budget plus 2 min.
+                         The race then writes its summary and stops; the same command resumes it later
+    mixed_machines=true  allow new runs into a store whose race rows another kind of machine made (refused by
+                         default: a wall-clock budget buys different steps on different CPUs; the kind is the
+                         rows' `machine` note: CPU model, cores, bf16 units)
 --jobs N runs N jobs at a time (default 1: a wall-clock race wants the machine to itself).
 
 Each job is one `benchmarks.run` with `trainer.time_budget=<S>`: the run's stages share S seconds in
@@ -52,6 +60,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -72,7 +81,7 @@ DEFAULT_OUT = "docs/results/race"
 ACCURACY_THRESHOLD = 0.8
 BUDGET_TOLERANCE = 0.10  # as benchmarks.run.BUDGET_TOLERANCE (not imported: that imports torch and Lightning)
 FLOOR, CEILING = "floor:static-frame", "ceiling:real-val"
-RACE_KEYS = ("sweep", "methods", "budget", "budgets", "seeds", "references", "out")
+RACE_KEYS = ("sweep", "methods", "budget", "budgets", "seeds", "references", "out", "stop_by", "mixed_machines")
 
 
 # --- the jobs -----------------------------------------------------------------------------------------
@@ -188,9 +197,60 @@ def load_race(name: str = "race", *, methods: list[str] | None = None, budget: f
 # --- running ------------------------------------------------------------------------------------------
 
 
-def run_jobs(race: Race, *, jobs: int = 1, command: list[str] | None = None) -> dict:
+def machine_kind(note: dict | None) -> tuple | None:
+    """What makes two machines' wall-clock budgets comparable: (CPU model, cores, bf16 units), from a row's
+    `machine` note (None for rows without one)."""
+    if not note:
+        return None
+    return (note.get("cpu_model"), note.get("cpus"), note.get("fast_bf16"))
+
+
+def this_machine_kind() -> tuple:
+    from benchmarks import machine
+
+    return machine_kind({"cpu_model": machine.cpu_model(), "cpus": len(os.sched_getaffinity(0))
+                         if hasattr(os, "sched_getaffinity") else os.cpu_count(), "fast_bf16": machine.fast_bf16()})
+
+
+def check_machine(race: Race, here: tuple) -> None:
+    """Refuse to add runs made on this machine to a race whose finished runs another kind of machine made."""
+    planned = {rj.job.config_sha256 for rj in race.jobs}
+    rows = read_rows(race.results) if Path(race.results).exists() else []
+    kinds = {machine_kind(r.get("machine")) for r in rows if r.get("config_sha256") in planned} - {None}
+    other = sorted(map(str, kinds - {here}))
+    if other:
+        raise ConfigError(f"the race's finished runs in {race.results} were made on another kind of machine "
+                          f"({'; '.join(other)}) than this one ({here}): a wall-clock budget buys a different number "
+                          f"of steps there. Give the race a store of its own (results=<new .jsonl> out=<new folder>), "
+                          f"or mixed_machines=true to mix them anyway")
+
+
+def parse_stop_by(text: str, now: float | None = None) -> float:
+    """`HH:MM` (the next such local time) or `+M` (minutes from now) as a Unix time."""
+    now = time.time() if now is None else now
+    try:
+        if text.startswith("+"):
+            return now + 60 * float(text[1:])
+        hours, minutes = (int(v) for v in text.split(":"))
+        moment = datetime.fromtimestamp(now).replace(hour=hours, minute=minutes, second=0, microsecond=0)
+    except ValueError:
+        raise ConfigError(f"stop_by={text!r}: give a local time HH:MM (e.g. 05:50) or +M minutes (e.g. +90)") from None
+    stamp = moment.timestamp()
+    return stamp if stamp > now else stamp + 24 * 3600
+
+
+def expected_wall(rj: RaceJob, rows: list[dict]) -> float:
+    """A run's expected wall seconds: its budget plus the longest overhead (sampling, scoring, start-up) a
+    finished run of the same method showed in the store; twice the budget plus 2 minutes when none did."""
+    overheads = [r["wall_seconds"] - r["train_seconds"] for r in rows if r.get("method") == rj.contender.method
+                 and isinstance(r.get("wall_seconds"), int | float) and isinstance(r.get("train_seconds"), int | float)]
+    return rj.budget + (max(overheads) if overheads else rj.budget + 120.0)
+
+
+def run_jobs(race: Race, *, jobs: int = 1, command: list[str] | None = None, stop_by: float | None = None) -> dict:
     """Run the race's missing jobs (sweep machinery: resumable, failures recorded beside the store) under a
-    progress bar; returns {total, skipped, ran, failed}."""
+    progress bar; with `stop_by` (a Unix time) start none that would not finish by then. Returns {total,
+    skipped, ran, failed, left}."""
     from tqdm.auto import tqdm
 
     command = command or [sys.executable, "-m", "benchmarks.run"]
@@ -216,12 +276,20 @@ def run_jobs(race: Race, *, jobs: int = 1, command: list[str] | None = None) -> 
     running: dict[subprocess.Popen, tuple[RaceJob, Path]] = {}
     queue = list(todo)
     ran = failed = 0
+    left: list[RaceJob] = []
     bar = tqdm(total=len(todo), desc=f"race {race.name}", unit="run", dynamic_ncols=True, disable=not todo)
     previous = signal.signal(signal.SIGTERM, sweep._raise_interrupt)
     try:
         while queue or running:
             while queue and len(running) < max(1, jobs):
                 rj = queue.pop(0)
+                if stop_by is not None and time.time() + expected_wall(rj, read_rows(race.results) if
+                                                                       Path(race.results).exists() else []) > stop_by:
+                    left = [rj, *queue]
+                    queue.clear()
+                    bar.write(f"  stop_by: {len(left)} run(s) would not finish in time; re-run the same command "
+                              f"to resume")
+                    break
                 proc, log = sweep._start(rj.job, command, env)
                 running[proc] = (rj, log)
                 bar.set_postfix_str(f"{rj.contender.label} {_budget_text(rj.budget)}s seed {rj.seed}")
@@ -253,7 +321,8 @@ def run_jobs(race: Race, *, jobs: int = 1, command: list[str] | None = None) -> 
     finally:
         signal.signal(signal.SIGTERM, previous)
     bar.close()
-    return {"total": len(race.jobs), "skipped": len(valid) - len(todo), "ran": ran, "failed": failed + len(invalid)}
+    return {"total": len(race.jobs), "skipped": len(valid) - len(todo), "ran": ran, "failed": failed + len(invalid),
+            "left": len(left)}
 
 
 def _row_of(job: sweep.Job) -> dict | None:
@@ -620,6 +689,8 @@ def to_markdown(race: Race, lines: list[Line]) -> str:
             f"({r['budget_ratio'] - 1:+.0%})" for ln, r in outside) + ".")
     else:
         out.append(f"Every run's training time is within ±{BUDGET_TOLERANCE:.0%} of its budget.")
+    out.append("")
+    out.append(machines_note([r for ln in lines if not ln.reference for r in ln.rows]))
     failed = [ln for ln in lines if ln.failures]
     if failed:
         out.append("")
@@ -627,6 +698,28 @@ def to_markdown(race: Race, lines: list[Line]) -> str:
                                              + f": {error_of(ln.failures[-1])}" for ln in failed)
                    + f" (logs and details: `{sweep.failures_path(race.results)}`).")
     return "\n".join(out).rstrip() + "\n"
+
+
+def machines_note(rows: list[dict]) -> str:
+    """Which machines made the rows, each with its bf16 matmul probe range: a wall-clock budget means
+    something only for one kind of machine."""
+    kinds: dict[tuple, list[float]] = {}
+    for r in rows:
+        note = r.get("machine") or {}
+        probe = note.get("bf16_matmul_gflops", r.get("bf16_matmul_gflops"))
+        kinds.setdefault(machine_kind(note) or ("unknown",), []).extend([probe] if isinstance(probe, int | float) else [])
+    if not kinds:
+        return "Machine: no finished run yet."
+    parts = []
+    for kind, probes in kinds.items():
+        name = (f"{kind[0]}, {kind[1]} cores, " + ("bf16 units" if kind[2] else "no bf16 units")) if len(kind) == 3 \
+            else "not recorded"
+        n = sum(1 for r in rows if (machine_kind(r.get("machine")) or ("unknown",)) == kind)
+        span = f"{min(probes):.0f}-{max(probes):.0f}" if probes and min(probes) != max(probes) else \
+            f"{probes[0]:.0f}" if probes else "?"
+        parts.append(f"{name} ({n} runs; bf16 matmul probe {span} GFLOP/s)")
+    head = "Machine: " if len(parts) == 1 else "**Machines (mixed: the budgets are not comparable across them)**: "
+    return head + "; ".join(parts) + "."
 
 
 def to_table_csv(lines: list[Line]) -> str:
@@ -788,8 +881,15 @@ def run_race(argv: list[str] | None = None, *, command: list[str] | None = None)
             print(f"  [{state:7s}] {rj.contender.label:<24} budget {_budget_text(rj.budget):>5} s  seed {rj.seed}  "
                   f"-> {rj.job.run_dir or rj.job.error}")
         return {"jobs": race.jobs, "race": race}
-    counts = {} if summary_only else run_jobs(race, jobs=jobs, command=command)
-    refs = run_references(race) if references == "true" and not summary_only else {}
+    mixed = keys.get("mixed_machines", "false").lower()
+    if mixed not in ("true", "false"):
+        raise ConfigError(f"mixed_machines={keys['mixed_machines']!r}: true or false")
+    stop_by = parse_stop_by(keys["stop_by"]) if keys.get("stop_by") else None
+    if not summary_only and mixed == "false":
+        check_machine(race, this_machine_kind())
+    counts = {} if summary_only else run_jobs(race, jobs=jobs, command=command, stop_by=stop_by)
+    refs = (run_references(race) if references == "true" and not summary_only and not counts.get("left")
+            else {})
     summary = summarize(race, keys.get("out", DEFAULT_OUT))
     return {**counts, "references": refs, "summary": summary, "race": race}
 

@@ -211,3 +211,49 @@ def test_a_test_scale_race_runs_resumes_tolerates_a_failure_and_writes_the_summa
     assert (again["total"], again["skipped"], again["ran"], again["failed"]) == (2, 2, 0, 0)
     assert again["references"] == {"ran": 0, "skipped": 4, "failed": 0}
     assert len(read_rows(tmp_path / "results.jsonl")) == len(rows)
+
+
+def test_stop_by_starts_no_run_that_would_not_finish_and_machines_are_not_mixed(tmp_path):
+    from datetime import datetime
+
+    now = datetime(2026, 12, 5, 4, 0).timestamp()
+    assert race.parse_stop_by("05:30", now) == pytest.approx(now + 90 * 60)
+    assert race.parse_stop_by("03:30", now) == pytest.approx(now + 23.5 * 3600)  # past: the next such time
+    assert race.parse_stop_by("+45", now) == pytest.approx(now + 45 * 60)
+    with pytest.raises(race.ConfigError, match="HH:MM"):
+        race.parse_stop_by("soon", now)
+    store = tmp_path / "rows.jsonl"
+    r = race.load_race("race", methods=["vdm", "cmd"], budget=100, seeds=[0], extra=[f"results={store}"])
+    vdm = next(rj for rj in r.jobs if rj.contender.method == "vdm")
+    # no finished run of the method: twice the budget plus 2 minutes; then the budget plus the longest overhead
+    assert race.expected_wall(vdm, []) == pytest.approx(320.0)
+    rows = [{"method": "vdm", "wall_seconds": 190.0, "train_seconds": 100.0},
+            {"method": "vdm", "wall_seconds": 150.0, "train_seconds": 100.0},
+            {"method": "cmd", "wall_seconds": 900.0, "train_seconds": 100.0}]
+    assert race.expected_wall(vdm, rows) == pytest.approx(190.0)
+    # a stop_by already past starts nothing, and says what is left
+    counts = race.run_jobs(r, command=["false"], stop_by=now)
+    assert counts["ran"] == 0 and counts["left"] == len(r.jobs)
+    # a finished run from another kind of machine: refused, with the way out named
+    here = ("CPU A", 2, True)
+    append_row(store, {"config_sha256": vdm.job.config_sha256, "machine": {"cpu_model": "CPU B", "cpus": 2,
+                                                                          "fast_bf16": True}})
+    with pytest.raises(race.ConfigError, match="mixed_machines=true"):
+        race.check_machine(r, here)
+    race.check_machine(r, ("CPU B", 2, True))  # the same kind: fine
+    # the command line: vdm's run is done, cmd's would not finish by now; the summary is still written
+    assert race.run_race(["methods=vdm,cmd", "budget=100", "seeds=0", f"results={store}", f"out={tmp_path / 'o'}",
+                          "stop_by=+0", "mixed_machines=true"], command=["false"])["left"] == 1
+    assert (tmp_path / "o" / "race.md").exists()
+
+
+def test_race_md_names_the_machines_that_made_its_rows():
+    amd = {"cpu_model": "AMD EPYC", "cpus": 2, "fast_bf16": True}
+    one = race.machines_note([{"machine": {**amd, "bf16_matmul_gflops": 417.0}},
+                              {"machine": {**amd, "bf16_matmul_gflops": 430.5}}])
+    assert one == "Machine: AMD EPYC, 2 cores, bf16 units (2 runs; bf16 matmul probe 417-430 GFLOP/s)."
+    mixed = race.machines_note([{"machine": {**amd, "bf16_matmul_gflops": 420.0}},
+                                {"machine": {"cpu_model": "Intel Xeon", "cpus": 2, "fast_bf16": True,
+                                             "bf16_matmul_gflops": 900.0}}])
+    assert mixed.startswith("**Machines (mixed") and "Intel Xeon" in mixed and "AMD EPYC" in mixed
+    assert race.machines_note([]) == "Machine: no finished run yet."
