@@ -682,6 +682,7 @@ def to_markdown(race: Race, lines: list[Line]) -> str:
             out.append("Protocol: " + ", ".join(f"{k}={lb._short(common[k])}" for k in keys if k in common) + ".")
         out += [f"Note: {n}" for n in notes]
         out.append("")
+        out += per_class_table(group, race.budget)
     outside = [(ln, r) for ln in lines for r in ln.outside]
     if outside:
         out.append(f"**Outside the budget (±{BUDGET_TOLERANCE:.0%})**: " + "; ".join(
@@ -698,6 +699,27 @@ def to_markdown(race: Race, lines: list[Line]) -> str:
                                              + f": {error_of(ln.failures[-1])}" for ln in failed)
                    + f" (logs and details: `{sweep.failures_path(race.results)}`).")
     return "\n".join(out).rstrip() + "\n"
+
+
+def per_class_table(lines: list[Line], budget: float) -> list[str]:
+    """Markdown lines: each contender's conditional accuracy per conditioning class at `budget` (mean over its
+    seeds' `cond_acc_per_class`) and the references': *which* classes (motions, on shapes) a method gets.
+    Empty when no row has per-class accuracies."""
+    chosen = [ln for ln in lines if (ln.reference or ln.budget == budget)
+              and any(isinstance(r.get("cond_acc_per_class"), dict) for r in ln.rows)]
+    if not chosen:
+        return []
+    classes = list(dict.fromkeys(c for ln in chosen for r in ln.rows for c in (r.get("cond_acc_per_class") or {})))
+    out = [f"Per-class conditional accuracy at {_budget_text(budget)} s (mean over seeds; references as scored):", "",
+           "| contender | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
+    for ln in chosen:
+        cells = []
+        for c in classes:
+            values = [r["cond_acc_per_class"][c] for r in ln.rows if isinstance(r.get("cond_acc_per_class"), dict)
+                      and isinstance(r["cond_acc_per_class"].get(c), int | float)]
+            cells.append(f"{sum(values) / len(values):.2f}" if values else "-")
+        out.append("| " + " | ".join([_cell(ln.label), *cells]) + " |")
+    return [*out, ""]
 
 
 def machines_note(rows: list[dict]) -> str:

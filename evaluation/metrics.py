@@ -168,24 +168,50 @@ class CLIPSIM(Metric):
 class ConditionalAccuracy(Metric):
     """Fraction of class-conditioned samples the evaluator classifies as their conditioning class.
 
-    update(scores (B, K) probabilities or logits, target (B,) the class each sample was conditioned on).
+    update(scores (B, K') probabilities or logits, target (B,) the class each sample was conditioned on).
+    With `num_classes=K` (the dataset's classes) it also keeps the confusion counts, K x (K + 1): row = the
+    conditioning class, column = the evaluator's class, the last column any evaluator class >= K (a detector
+    may know more classes than the dataset names). `confusion()` returns them; `per_class()` each
+    conditioning class's accuracy (NaN where no sample asked for it): *which* classes a model gets.
     """
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, num_classes: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
         self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        if self.num_classes > 0:
+            self.add_state("counts", default=torch.zeros(self.num_classes, self.num_classes + 1, dtype=torch.long),
+                           dist_reduce_fx="sum")
 
     def update(self, scores: Tensor, target: Tensor) -> None:
         if scores.ndim != 2 or target.shape != (scores.shape[0],):
             raise ValueError(f"ConditionalAccuracy.update expects (B, K) and (B,); got {tuple(scores.shape)}, "
                              f"{tuple(target.shape)}")
-        self.correct += (scores.argmax(-1) == target.to(scores.device)).sum()
+        target = target.to(scores.device).long()
+        predicted = scores.argmax(-1)
+        self.correct += (predicted == target).sum()
         self.total += target.numel()
+        if self.num_classes > 0 and target.numel():
+            k = self.num_classes
+            if int(target.min()) < 0 or int(target.max()) >= k:
+                raise ValueError(f"ConditionalAccuracy(num_classes={k}): conditioning classes must lie in [0, {k}), "
+                                 f"got [{int(target.min())}, {int(target.max())}]")
+            column = predicted.clamp(max=k)  # every evaluator class >= k: the last column
+            self.counts += torch.bincount(target * (k + 1) + column, minlength=k * (k + 1)).view(k, k + 1)
 
     def compute(self) -> Tensor:
         return self.correct.double() / self.total
+
+    def confusion(self) -> Tensor:
+        if self.num_classes == 0:
+            raise ValueError("ConditionalAccuracy keeps confusion counts only with num_classes > 0")
+        return self.counts.clone()
+
+    def per_class(self) -> Tensor:
+        counts = self.confusion().double()
+        return counts.diagonal() / counts.sum(1)  # 0 / 0 = NaN: a class no sample was conditioned on

@@ -32,6 +32,7 @@ class-to-video ones.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -65,6 +66,9 @@ def sampler_name(cfg) -> str | None:
     return _get(diffusion, "sampler") if diffusion is not None else None
 
 
+MAX_CONFUSION_CLASSES = 32  # rows keep the confusion counts up to this many classes (per-class accuracy always)
+
+
 class Scorer:
     """Streams generated videos through the detectors into the metrics; `compute()` -> flat dict.
 
@@ -72,7 +76,7 @@ class Scorer:
     """
 
     def __init__(self, metrics: list[str], ecfg, real: RealSet | None, detectors: dict[str, Detector],
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, class_names: list[str] | None = None) -> None:
         self.metrics, self.real, self.det = list(metrics), real, detectors
         self.num_classes = num_classes
         device = next(iter(detectors.values())).device if detectors else torch.device("cpu")
@@ -80,7 +84,9 @@ class Scorer:
         if real is not None:
             self.fvd.set_reference(real.stats)
         self.isv = VideoInceptionScore(splits=ecfg.is_splits).to(device)
-        self.clipsim, self.acc = CLIPSIM().to(device), ConditionalAccuracy().to(device)
+        self.class_names = list(class_names or [])
+        self.clipsim = CLIPSIM().to(device)
+        self.acc = ConditionalAccuracy(num_classes).to(device)
         self.n = 0
 
     def update(self, videos: Tensor, index: Tensor, labels: Tensor | None = None, texts: list[str] | None = None):
@@ -108,9 +114,21 @@ class Scorer:
             out["is"], out["is_std"] = float(mean), float(std)
         if "cond_acc" in self.metrics and int(self.acc.total) > 0:
             out["cond_acc"] = float(self.acc.compute())
+            if self.acc.num_classes:
+                names = (self.class_names if len(self.class_names) == self.acc.num_classes
+                         else [str(k) for k in range(self.acc.num_classes)])
+                out["cond_acc_per_class"] = {n: (None if math.isnan(a) else a)
+                                             for n, a in zip(names, self.acc.per_class().tolist(), strict=True)}
+                if self.acc.num_classes <= MAX_CONFUSION_CLASSES:
+                    out["cond_confusion"] = {"rows": names, "columns": [*names, "another evaluator class"],
+                                             "counts": self.acc.confusion().tolist()}
         if "clipsim" in self.metrics and int(self.clipsim.count) > 0:
             out["clipsim"] = float(self.clipsim.compute())
         return out
+
+
+def _class_names(datamodule) -> list[str]:
+    return list(getattr(datamodule, "class_names", None) or [])
 
 
 def plan(ecfg, datamodule, has_autoencoder: bool = False) -> tuple[list[str], dict[str, str]]:
@@ -278,7 +296,8 @@ def evaluate_method(method, datamodule, cfg, *, num_samples: int | None = None, 
     device = method.device
     dets = load_detectors(ecfg, metrics + ["fvd"], device)  # the FVD detector also yields the real conditioning
     real = real_set(ecfg, datamodule, dets["fvd"], cache_dir, _get(_get(cfg, "data"), "num_workers", 0))
-    scorer = Scorer([m for m in metrics if m != "rfvd"], ecfg, real, dets, datamodule.num_classes)
+    scorer = Scorer([m for m in metrics if m != "rfvd"], ecfg, real, dets, datamodule.num_classes,
+                    _class_names(datamodule))
     sample, bs = cfg.sample, ecfg.batch_size
     g = torch.Generator(device=device).manual_seed(int(seed) + rank)  # per-rank stream: seed + rank
     was_training = method.training
@@ -353,7 +372,7 @@ def evaluate_videos(batches: Iterable[tuple[Tensor, Tensor | None, list[str] | N
     dets = load_detectors(ecfg, metrics + ["fvd"], device)
     cache_dir = cache_dir if cache_dir is not None else _get(cfg, "cache_dir", "cache")
     real = real_set(ecfg, datamodule, dets["fvd"], cache_dir)
-    scorer = Scorer(metrics, ecfg, real, dets, datamodule.num_classes)
+    scorer = Scorer(metrics, ecfg, real, dets, datamodule.num_classes, _class_names(datamodule))
     shape, count = None, 0
     for videos, labels, texts in batches:
         scorer.update(videos, torch.arange(count, count + len(videos)), labels, texts)

@@ -109,6 +109,11 @@ def test_evaluate_method_scores_an_oracle_and_records_the_protocol(tmp_path):
     dm = VideoDataModule(small_shapes())
     out = evaluate_method(ShapesOracle(), dm, run_cfg(tmp_path))
     assert out["cond_acc"] == 1.0  # the oracle renders the conditioned motion
+    per_class, confusion = out["cond_acc_per_class"], out["cond_confusion"]
+    assert list(per_class) == list(dm.class_names) == confusion["rows"] == confusion["columns"][:-1]
+    counts = torch.tensor(confusion["counts"])
+    assert counts.shape == (len(MOTIONS), len(MOTIONS) + 1) and int(counts.sum()) == out["n_gen"]
+    assert all(a in (1.0, None) for a in per_class.values()) and int(counts.trace()) == out["n_gen"]
     assert out["clipsim"] > 0.5
     assert out["rfvd"] == pytest.approx(0.0, abs=1e-6) and out["n_rec"] == 20  # identity "autoencoder"
     assert 0 < out["fvd"] and 1 < out["is"] <= len(MOTIONS)

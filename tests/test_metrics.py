@@ -173,6 +173,24 @@ def test_conditional_accuracy():
     assert float(m.compute()) == pytest.approx(0.75)
 
 
+def test_conditional_accuracy_keeps_per_class_confusion_counts():
+    m = ConditionalAccuracy(num_classes=3)
+    onehot = torch.eye(5)  # a detector that knows 5 classes, the dataset 3: classes 3 and 4 -> the last column
+    m.update(onehot[[0, 1, 1, 3, 2, 4]], torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert m.confusion().tolist() == [[1, 1, 0, 0], [0, 1, 0, 1], [0, 0, 1, 1]]
+    assert m.per_class().tolist() == pytest.approx([0.5, 0.5, 0.5])
+    assert float(m.compute()) == pytest.approx(0.5)  # the diagonal's share, the same as before
+    m.update(onehot[[2, 2]], torch.tensor([2, 2]))
+    assert m.per_class().tolist() == pytest.approx([0.5, 0.5, 0.75])
+    empty = ConditionalAccuracy(num_classes=2)
+    empty.update(torch.eye(2)[[0]], torch.tensor([0]))
+    assert empty.per_class()[0] == 1 and torch.isnan(empty.per_class()[1])  # no sample asked for class 1
+    with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
+        m.update(onehot[[0]], torch.tensor([3]))
+    with pytest.raises(ValueError, match="num_classes > 0"):
+        ConditionalAccuracy().confusion()
+
+
 def test_quantize_convention():
     x = torch.tensor([-1.0, -1.5, 0.0, 1.0, 2.0]).view(1, 1, 5, 1, 1)
     assert quantize(x).flatten().tolist() == [0, 0, 128, 255, 255]

@@ -193,6 +193,10 @@ def test_a_test_scale_race_runs_resumes_tolerates_a_failure_and_writes_the_summa
     pvdm_line = next(ln for ln in md.splitlines() if ln.startswith("| pvdm"))
     assert "failed:" in pvdm_line and "missing.pt" in pvdm_line and "**Failed**" in md
     assert race.FLOOR in md and race.CEILING in md
+    # which motions each contender gets: a per-class table
+    table_md = md[md.index("Per-class conditional accuracy at 3 s"):]
+    assert "| contender | left | right |" in table_md and "| vdm |" in table_md
+    assert "Machine: " in md
     flagged = [r for r in runs.values() if not r["within_budget"]]
     assert ("**Outside the budget" in md) == bool(flagged)
     with (out / "race.csv").open() as f:
