@@ -49,8 +49,9 @@ Outputs under out=: race.md (one table per task: contender, budget, seeds, measu
 against the budget, every metric as mean ± std over seeds, sampling seconds per video, time to 0.8
 conditional accuracy, status or error; the references below), race.csv (the same, one line per
 contender and budget), runs.csv (every field of every row, benchmarks.leaderboard's CSV), curves.png
-(FVD and conditional accuracy against training seconds, one line per contender) and cost.png (the same
-against sampling seconds per video).
+(FVD and conditional accuracy against training seconds, one line per contender), cost.png (the same
+against sampling seconds per video) and per_class.png (conditional accuracy per conditioning class at the
+main budget, a heatmap of race.md's per-class table: which motions each method gets).
 """
 
 from __future__ import annotations
@@ -701,25 +702,62 @@ def to_markdown(race: Race, lines: list[Line]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def per_class_table(lines: list[Line], budget: float) -> list[str]:
-    """Markdown lines: each contender's conditional accuracy per conditioning class at `budget` (mean over its
-    seeds' `cond_acc_per_class`) and the references': *which* classes (motions, on shapes) a method gets.
-    Empty when no row has per-class accuracies."""
+def per_class(lines: list[Line], budget: float) -> tuple[list[str], list[tuple[str, list[float | None]]]]:
+    """(classes, [(label, accuracy per class)]): each contender's conditional accuracy per conditioning class at
+    `budget` (mean over its seeds' `cond_acc_per_class`), then the references'; ([], []) when no row has them."""
     chosen = [ln for ln in lines if (ln.reference or ln.budget == budget)
               and any(isinstance(r.get("cond_acc_per_class"), dict) for r in ln.rows)]
-    if not chosen:
-        return []
-    classes = list(dict.fromkeys(c for ln in chosen for r in ln.rows for c in (r.get("cond_acc_per_class") or {})))
-    out = [f"Per-class conditional accuracy at {_budget_text(budget)} s (mean over seeds; references as scored):", "",
-           "| contender | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
+    # the dataset's class order is the confusion's (the store sorts a row's keys, so the dict's is alphabetical)
+    ordered = [c for ln in chosen for r in ln.rows for c in (r.get("cond_confusion") or {}).get("rows", [])]
+    classes = list(dict.fromkeys(ordered + [c for ln in chosen for r in ln.rows
+                                            for c in (r.get("cond_acc_per_class") or {})]))
+    table = []
     for ln in chosen:
         cells = []
         for c in classes:
             values = [r["cond_acc_per_class"][c] for r in ln.rows if isinstance(r.get("cond_acc_per_class"), dict)
                       and isinstance(r["cond_acc_per_class"].get(c), int | float)]
-            cells.append(f"{sum(values) / len(values):.2f}" if values else "-")
-        out.append("| " + " | ".join([_cell(ln.label), *cells]) + " |")
+            cells.append(sum(values) / len(values) if values else None)
+        table.append((ln.label + (f" ({ln.task})" if ln.reference else ""), cells))
+    return classes, table
+
+
+def per_class_table(lines: list[Line], budget: float) -> list[str]:
+    """Markdown lines of `per_class`: *which* classes (motions, on shapes) each method gets."""
+    classes, table = per_class(lines, budget)
+    if not table:
+        return []
+    out = [f"Per-class conditional accuracy at {_budget_text(budget)} s (mean over seeds; references as scored):", "",
+           "| contender | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
+    out += ["| " + " | ".join([_cell(label), *("-" if v is None else f"{v:.2f}" for v in cells)]) + " |"
+            for label, cells in table]
     return [*out, ""]
+
+
+def plot_per_class(lines: list[Line], budget: float):
+    """A heatmap of `per_class` (contenders and references x classes), or None without per-class rows."""
+    classes, table = per_class(lines, budget)
+    if not table:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.array([[np.nan if v is None else v for v in cells] for _, cells in table], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(classes) + 2.5, 0.9 + 0.38 * len(table)))
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(table)), [label for label, _ in table], fontsize=8)
+    for i, j in np.ndindex(values.shape):
+        if not np.isnan(values[i, j]):
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if values[i, j] > 0.6 else "white")
+    ax.set_title(f"conditional accuracy per class at {_budget_text(budget)} s of training")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    return fig
 
 
 def machines_note(rows: list[dict]) -> str:
@@ -831,7 +869,8 @@ def plot_curves(lines: list[Line], x_key: str = "train_seconds"):
 
 
 def summarize(race: Race, out: str | Path) -> dict:
-    """Write race.md, race.csv, runs.csv, curves.png and cost.png under `out`; returns what it found."""
+    """Write race.md, race.csv, runs.csv, curves.png, cost.png and (with per-class rows) per_class.png under
+    `out`; returns what it found."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_rows(race.results) if Path(race.results).exists() else []
@@ -843,11 +882,18 @@ def summarize(race: Race, out: str | Path) -> dict:
     atomic_write_text(out / "race.md", to_markdown(race, lines))
     atomic_write_text(out / "race.csv", to_table_csv(lines))
     atomic_write_text(out / "runs.csv", lb.to_csv(mine))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     for name, x_key in (("curves.png", "train_seconds"), ("cost.png", "sample_seconds_per_video")):
         fig = plot_curves(lines, x_key)
         fig.savefig(out / name, dpi=110)
-        import matplotlib.pyplot as plt
-
+        plt.close(fig)
+    fig = plot_per_class(lines, race.budget)
+    if fig is not None:
+        fig.savefig(out / "per_class.png", dpi=110)
         plt.close(fig)
     outside = [(ln.label, ln.budget, r.get("seed")) for ln in lines for r in ln.outside]
     failed = [ln.label for ln in lines if ln.failures]

@@ -205,7 +205,7 @@ def test_a_test_scale_race_runs_resumes_tolerates_a_failure_and_writes_the_summa
     assert {t["contender"] for t in table} >= {"vdm", "dvdm", race.FLOOR, race.CEILING}
     assert all(t["time_to_0.8"] in ("", "not reached") or t["time_to_0.8"].endswith(" s")
                for t in table if t["method"] in ("vdm", "dvdm"))
-    for png in ("curves.png", "cost.png"):
+    for png in ("curves.png", "cost.png", "per_class.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 800
     assert len(lb.from_csv((out / "runs.csv").read_text())) == 6
