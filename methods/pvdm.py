@@ -41,7 +41,7 @@ from methods.nets.embed import TextEncoderConfig
 from methods.nets.transformer import SpaceTimeTransformer
 from methods.nets.triplane import PLANES, AxisSummary, Triplane, TriplaneUNet
 from methods.nets.unet import UNetConfig
-from methods.vdm import DiffusionConfig
+from methods.vdm import DiffusionConfig, run_sampler
 
 CLIP_WINDOWS = ("first", "random")
 
@@ -266,7 +266,7 @@ class PVDM(VideoGenerator):
     @torch.no_grad()
     def sample_latent(self, n: int, cond: Conditioning, z_prev: Tensor | None, *, steps: int, guidance: float,
                       generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
-        """One clip's z (n, c, L) by DDIM (or DDPM) with CFG on the class/caption, given the previous clip's
+        """One clip's z (n, c, L) by the configured sampler (DDIM, DPM-Solver++(2M) or DDPM) with CFG on the class/caption, given the previous clip's
         z_prev (n, c, L) or None (zeros: an unconditioned first clip)."""
         z_T = torch.randn((n, *self.latent_shape), generator=generator, device=self.device)
         z_prev = torch.zeros_like(z_T) if z_prev is None else z_prev.to(z_T)
@@ -275,12 +275,8 @@ class PVDM(VideoGenerator):
         model = D.as_eps_model(lambda z_t, t: guided(torch.cat([z_t, z_prev.to(z_t.dtype)], dim=1), t),
                                self.alpha_bar, obj)
         sampler = self.cfg.diffusion.sampler
-        if sampler == "ddim":
-            z = D.ddim_sample(model, z_T, self.alpha_bar, steps, eta=eta, generator=generator, clip_x0=self.cfg.clip_x0)
-        elif sampler == "ddpm":
-            z = D.ddpm_sample(model, z_T, self.alpha_bar, generator=generator)
-        else:
-            raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
+        z = run_sampler(sampler, model, z_T, self.alpha_bar, steps, eta, generator,
+                        clip_x0=None if sampler == "ddpm" else self.cfg.clip_x0)  # DDPM: unclamped, as before
         return z.float().clamp(-1, 1)  # z lives in tanh's range
 
     @torch.no_grad()

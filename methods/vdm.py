@@ -24,7 +24,7 @@ class DiffusionConfig:
     schedule: str = "linear"  # linear | ldm_linear | cosine
     num_timesteps: int = 1000
     objective: str = "eps"  # eps | v | x0
-    sampler: str = "ddim"  # ddim | ddpm
+    sampler: str = "ddim"  # ddim | ddpm | dpmpp2m (DPM-Solver++(2M): deterministic, DDIM's trajectory in fewer steps)
     cond_drop_prob: float = 0.1  # CFG training: condition dropped with this probability
 
 
@@ -105,13 +105,18 @@ class VDM(VideoGenerator):
 def run_sampler(sampler: str, model: D.Model, x_T: Tensor, alpha_bar: Tensor, steps: int, eta: float,
                 generator: torch.Generator | None, noise_fn: D.NoiseFn = D.default_noise,
                 clip_x0: float | None = None) -> Tensor:
-    """Dispatch on the configured sampler name (ddim | ddpm). clip_x0: DDIM clamps each step's x0 estimate
-    to [-clip_x0, clip_x0] and re-derives eps from it (DDPM's clip_denoised); None: no clamp."""
+    """Dispatch on the configured sampler name (ddim | ddpm | dpmpp2m). clip_x0: DDIM and DPM-Solver++ clamp each
+    step's x0 estimate to [-clip_x0, clip_x0] (DDIM re-derives eps from it: DDPM's clip_denoised); None: no clamp."""
     if sampler == "ddim":
         return D.ddim_sample(model, x_T, alpha_bar, steps, eta=eta, generator=generator, noise_fn=noise_fn,
                              clip_x0=clip_x0)
+    if sampler == "dpmpp2m":
+        if eta:
+            raise ValueError(f"the dpmpp2m sampler is deterministic (the ODE); got sample.eta={eta}: set it to 0 "
+                             "or use the ddim sampler")
+        return D.dpmpp_2m_sample(model, x_T, alpha_bar, steps, clip_x0=clip_x0)
     if clip_x0 is not None:
-        raise ValueError("clip_x0 is implemented for the ddim sampler only; set the sampler to ddim or clip_x0 to 0")
+        raise ValueError("clip_x0 is implemented for the ddim and dpmpp2m samplers only; choose one or set clip_x0 to 0")
     if sampler == "ddpm":
         return D.ddpm_sample(model, x_T, alpha_bar, generator=generator, noise_fn=noise_fn)
-    raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
+    raise ValueError(f"unknown sampler {sampler!r}; choose ddim, ddpm or dpmpp2m")

@@ -51,7 +51,7 @@ def _oracle(point: torch.Tensor, ab: torch.Tensor):
     return lambda x_t, t: D.eps_from_x0(x_t, t, point.expand_as(x_t), ab)
 
 
-@pytest.mark.parametrize("sampler", ["ddim0", "ddim1", "ddim_fewsteps", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim0", "ddim1", "ddim_fewsteps", "ddpm", "dpmpp2m", "dpmpp2m_fewsteps"])
 def test_oracle_denoiser_makes_every_sampler_return_the_point(sampler):
     ab = D.alpha_bar_schedule("linear")
     point = torch.linspace(-0.9, 0.9, 2 * 3 * 4 * 5, dtype=torch.float64).reshape(1, 2, 3, 4, 5)
@@ -60,6 +60,8 @@ def test_oracle_denoiser_makes_every_sampler_return_the_point(sampler):
     model = _oracle(point, ab)
     if sampler == "ddpm":
         out = D.ddpm_sample(model, x_T, ab, generator=g)
+    elif sampler.startswith("dpmpp2m"):
+        out = D.dpmpp_2m_sample(model, x_T, ab, 3 if sampler.endswith("fewsteps") else 50)
     else:
         steps = 3 if sampler == "ddim_fewsteps" else 50
         out = D.ddim_sample(model, x_T, ab, steps, eta=1.0 if sampler == "ddim1" else 0.0, generator=g)
@@ -84,6 +86,63 @@ def test_ddim_step_matches_diffusers(eta):
         t_prev = ours[i + 1] if i + 1 < len(ours) else torch.tensor(-1)
         mine = D.ddim_step(eps, x, torch.full((2,), t), t_prev.expand(2), ab, eta=eta, noise=noise)
         assert torch.allclose(mine, ref, atol=1e-5), (i, (mine - ref).abs().max())
+
+
+def _gaussian_eps_model(mu: float, std: float, ab: torch.Tensor):
+    """The exact eps-denoiser when every data value is N(mu, std^2): x_t ~ N(a mu, a^2 std^2 + s^2) with
+    a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t), so eps = s (x_t - a mu) / (a^2 std^2 + s^2)."""
+    def model(x_t, t):
+        a2 = D._gather(ab, t, x_t)
+        return (1 - a2).sqrt() * (x_t - a2.sqrt() * mu) / (a2 * std**2 + 1 - a2)
+    return model
+
+
+def test_dpm_solver_2m_converges_to_the_exact_ode_map_of_a_gaussian_at_second_order():
+    """For Gaussian data the probability-flow ODE keeps x_t's standard score: x0 = mu + std (x_T - a_T mu) /
+    sqrt(a_T^2 std^2 + s_T^2). Doubling the steps must cut DPM-Solver++(2M)'s error about 4x (second order) and
+    DDIM's about 2x (first order), so a first-order or mis-weighted update fails. (With very few steps, 5-20 here,
+    the multistep extrapolation from poor early x0 estimates can land *farther* than DDIM: fewer steps at equal
+    quality is a measurement per model, not a given.)"""
+    ab = D.alpha_bar_schedule("cosine").double()
+    mu, std = 0.3, 0.5
+    model = _gaussian_eps_model(mu, std, ab)
+    x_T = torch.randn(4096, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    errors = {}
+    for steps in (50, 100, 200):
+        t0 = int(D.ddim_timesteps(len(ab), steps)[0])
+        a2 = ab[t0]
+        exact = mu + std * (x_T - a2.sqrt() * mu) / (a2 * std**2 + 1 - a2).sqrt()
+        dpm = D.dpmpp_2m_sample(model, x_T, ab, steps)
+        ddim = D.ddim_sample(model, x_T, ab, steps)
+        errors[steps] = ((dpm - exact).abs().max().item(), (ddim - exact).abs().max().item())
+    for coarse, fine in ((50, 100), (100, 200)):
+        assert errors[coarse][0] / errors[fine][0] > 3.2, errors  # second order
+        assert 1.5 < errors[coarse][1] / errors[fine][1] < 2.5, errors  # DDIM: first order
+    assert errors[100][0] < errors[100][1] / 3 and errors[200][0] < errors[200][1] / 6
+    # its first step (and a one-step run) is DDIM's
+    one = D.dpmpp_2m_sample(model, x_T, ab, 1)
+    assert torch.allclose(one, D.ddim_sample(model, x_T, ab, 1), atol=1e-12)
+
+
+def test_dpm_solver_2m_matches_diffusers():
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                                        beta_end=0.02, algorithm_type="dpmsolver++", solver_order=2,
+                                        prediction_type="epsilon", final_sigmas_type="zero", lower_order_final=True)
+    ours = D.ddim_timesteps(1000, 12)
+    sched.set_timesteps(timesteps=ours.tolist())
+    ab = D.alpha_bar_schedule("linear")
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(3, 3, generator=g) * 0.3
+    def model(x, t):  # any smooth eps-model that depends on x and t
+        return torch.einsum("ij,bjhw->bihw", weight, x) * (t.float() / 1000).view(-1, 1, 1, 1) + 0.1 * x
+    x_T = torch.randn(2, 3, 8, 8, generator=g)
+    x = x_T.clone()
+    for t in sched.timesteps:
+        x = sched.step(model(x, torch.full((2,), int(t))), int(t), x).prev_sample
+    mine = D.dpmpp_2m_sample(model, x_T, ab, 12)
+    assert torch.allclose(mine, x, atol=1e-4), (mine - x).abs().max()
 
 
 def test_cfg_combine_formula():
@@ -134,3 +193,17 @@ def test_diffusion_loss_zero_for_perfect_model_and_per_sample():
     loss = D.diffusion_loss(lambda x_t, tt: noise, x0, t, ab, noise, "eps")
     assert loss.shape == (5,) and torch.allclose(loss, torch.zeros(5))
     assert (D.diffusion_loss(lambda x_t, tt: torch.zeros_like(x_t), x0, t, ab, noise, "eps") > 0).all()
+
+
+def test_run_sampler_dispatches_dpmpp2m_and_refuses_a_stochastic_eta():
+    from methods.vdm import run_sampler
+
+    ab = D.alpha_bar_schedule("linear")
+    point = torch.full((1, 2, 4), 0.25, dtype=torch.float64)
+    x_T = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = run_sampler("dpmpp2m", _oracle(point, ab), x_T, ab, 10, 0.0, None)
+    assert torch.allclose(out, point.expand_as(out), atol=1e-6)
+    with pytest.raises(ValueError, match="deterministic"):
+        run_sampler("dpmpp2m", _oracle(point, ab), x_T, ab, 10, 0.5, None)
+    with pytest.raises(ValueError, match="ddim, ddpm or dpmpp2m"):
+        run_sampler("euler", _oracle(point, ab), x_T, ab, 10, 0.0, None)
