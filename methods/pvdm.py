@@ -266,8 +266,8 @@ class PVDM(VideoGenerator):
     @torch.no_grad()
     def sample_latent(self, n: int, cond: Conditioning, z_prev: Tensor | None, *, steps: int, guidance: float,
                       generator: torch.Generator | None = None, eta: float = 0.0) -> Tensor:
-        """One clip's z (n, c, L) by the configured sampler (DDIM, DPM-Solver++(2M) or DDPM) with CFG on the class/caption, given the previous clip's
-        z_prev (n, c, L) or None (zeros: an unconditioned first clip)."""
+        """One clip's z (n, c, L) by the configured sampler (DDIM, DPM-Solver++(2M) or DDPM) with CFG on the
+        class/caption, given the previous clip's z_prev (n, c, L) or None (zeros: an unconditioned first clip)."""
         z_T = torch.randn((n, *self.latent_shape), generator=generator, device=self.device)
         z_prev = torch.zeros_like(z_T) if z_prev is None else z_prev.to(z_T)
         guided = self.denoiser.guided(cond, guidance)
