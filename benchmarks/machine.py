@@ -116,6 +116,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def machine_note(seconds_budget: float = 2.5, n: int | None = None) -> dict:
     """The machine a measurement ran on and its speed right now (about `seconds_budget` seconds).
 
@@ -126,7 +131,7 @@ def machine_note(seconds_budget: float = 2.5, n: int | None = None) -> dict:
         "bf16_matmul_gflops": round(bf16_matmul_gflops(0.6 * seconds_budget, n), 1),
         "fp32_matmul_gflops": round(fp32_matmul_gflops(0.4 * seconds_budget, n), 1),
         "cpu_model": cpu_model(),
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus": cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "probe": f"{n}^2 matmul, best repeat" if n else f"square matmul (n <= {SIZE}, fitted to the budget), best repeat",

@@ -61,7 +61,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -209,8 +208,7 @@ def machine_kind(note: dict | None) -> tuple | None:
 def this_machine_kind() -> tuple:
     from benchmarks import machine
 
-    return machine_kind({"cpu_model": machine.cpu_model(), "cpus": len(os.sched_getaffinity(0))
-                         if hasattr(os, "sched_getaffinity") else os.cpu_count(), "fast_bf16": machine.fast_bf16()})
+    return machine_kind({"cpu_model": machine.cpu_model(), "cpus": machine.cpu_count(), "fast_bf16": machine.fast_bf16()})
 
 
 def check_machine(race: Race, here: tuple) -> None:
