@@ -1,4 +1,4 @@
-"""Probes of ED-VDM's codec loop and PVDM's clip length / long videos (issue #12 sections 3 and 4).
+"""Probes of ED-VDM's codec loop, PVDM's clip length / long videos (issue #12 sections 3 and 4) and any method's flicker.
 
     python -m benchmarks.probe_methods edvdm-loop [run_dir=R] [n=256] [noise=0.02] [ae_steps=200] [out=DIR] [overrides]
     python -m benchmarks.probe_methods pvdm-cost [scales=test,tiny,paper] [batch=4] [time=false] [out=DIR]
@@ -6,6 +6,7 @@
     python -m benchmarks.probe_methods videofusion-base run_dir=R [n=64] [out=DIR]
     python -m benchmarks.probe_methods pvdm-ae [seconds=75 | steps=N] [n=64] [overrides, e.g. stages.autoencoder.lr=3e-4]
     python -m benchmarks.probe_methods i2v-protocol run_dir=R [eval.num_samples=N] [sample.guidance=S] [out=DIR]
+    python -m benchmarks.probe_methods flicker run_dir=R [n=32] [guidance=1,2,4,6] [steps=25,50] [out=DIR]
 
 edvdm-loop: the codec's reconstruction of n held-out clips (the I-frame given, every P-frame rebuilt from
 its motion vectors and its coded residual), in the open loop (residuals against the original previous
@@ -47,6 +48,13 @@ their R-FVD (shapes evaluator) and the evaluator's motion-class accuracy on them
 i2v-protocol: a trained D-VDM / ED-VDM run scored under the earlier image-to-video protocol (first frames
 of the training split's clips, which are the FVD reference's clips) and the current one (held-out val
 clips), same seed and n. Written to out/i2v_protocol.json.
+
+flicker: a trained run samples n videos (conditioned like val clips 0..n-1, the same seed) at each
+sampling setting of the grid `guidance` x `steps` (default: the run's own), and reports their mean frame
+change (evaluation.sanity.frame_motion) as a ratio to n real val clips' (about 1: moves like the data;
+several: frames that do not follow one another) and the shapes evaluator's motion-class accuracy on them:
+whether a run's flicker (benchmarks.motion_check) comes from how it is sampled or from the model.
+Written to out/<method>_flicker.json.
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ from methods import codec
 from methods.base import Conditioning
 
 PROBE_KEYS = ("run_dir", "n", "noise", "ae_steps", "out", "scales", "batch", "clips", "batch_size", "seed", "time",
-              "seconds", "steps")
+              "seconds", "steps", "guidance")
 DEFAULT_OUT = "results/probes"
 
 
@@ -589,8 +597,50 @@ def i2v_protocol(opts: dict, overrides: list[str]) -> dict:
     return report
 
 
+# --- any method: flicker against the sampling settings -------------------------------------------------------
+
+
+def _grid_values(text: str | None, default: float, cast) -> list:
+    return [cast(v) for v in str(text).split(",")] if text else [cast(default)]
+
+
+def flicker(opts: dict, overrides: list[str]) -> dict:
+    """Frame change (ratio to real clips') and motion-class accuracy of n samples at each sampling setting."""
+    from benchmarks.run import sample_videos
+    from evaluation.detectors import load_detector
+    from evaluation.sanity import frame_motion
+
+    if "run_dir" not in opts:
+        raise SystemExit("error: flicker needs run_dir= (a trained benchmarks.run folder)")
+    if overrides:
+        raise SystemExit(f"error: flicker takes run_dir, n, guidance, steps, seed, out; got {overrides}")
+    cfg, dm, method = _load_run(opts["run_dir"])
+    n, seed = int(opts.get("n", 32)), int(opts.get("seed", cfg.seed))
+    real = frame_motion(_real(cfg, "val", n)["video"]).mean().item()
+    det = load_detector("shapes", None) if cfg.dataset.name == "shapes" else None
+    cfg.trainer.progress_bar = False
+    report: dict = {"run_dir": opts["run_dir"], "method": cfg.method.name, "n": n, "seed": seed,
+                    "real_motion": real, "settings": []}
+    for guidance in _grid_values(opts.get("guidance"), cfg.sample.guidance, float):
+        for steps in _grid_values(opts.get("steps"), cfg.sample.steps, int):
+            cfg.sample.guidance, cfg.sample.steps = guidance, steps
+            videos, cond, seconds = sample_videos(cfg, method, dm, n, seed)
+            motion = frame_motion(videos).mean().item()
+            acc = None
+            if det is not None and cond.label is not None:
+                acc = (_heads(det, videos)["motion"] == cond.label).float().mean().item()
+            r = {"guidance": guidance, "steps": steps, "motion": motion, "ratio": motion / real, "cond_acc": acc,
+                 "sample_seconds_per_video": seconds}
+            report["settings"].append(r)
+            print(f"guidance {guidance:g}, {steps} steps: frame change {motion:.4f} = {motion / real:.2f} x real's"
+                  + (f", motion-class accuracy {acc:.3f}" if acc is not None else ""))
+    _write_json(Path(opts.get("out", DEFAULT_OUT)), f"{cfg.method.name}_flicker.json", report)
+    return report
+
+
 COMMANDS = {"edvdm-loop": edvdm_loop, "pvdm-cost": pvdm_cost, "long-video": long_video, "pvdm-long": long_video,
-            "videofusion-base": videofusion_base, "i2v-protocol": i2v_protocol, "pvdm-ae": pvdm_ae}
+            "videofusion-base": videofusion_base, "i2v-protocol": i2v_protocol, "pvdm-ae": pvdm_ae,
+            "flicker": flicker}
 
 
 def main(argv: list[str] | None = None) -> dict:

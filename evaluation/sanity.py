@@ -28,8 +28,10 @@ def check_samples(videos: Tensor, real_motion: float | None = None) -> dict:
     """Counts of degenerate videos among `videos` (N, C, T, H, W) in [-1, 1].
 
     real_motion: the mean frame difference of real clips; static videos count only when the
-    real data moves. Returns {"n", "nan", "constant", "static", "degenerate", "status", "flags"}:
-    status is "degenerate" when any video is non-finite or at least half are constant or static.
+    real data moves. Returns {"n", "nan", "constant", "static", "degenerate", "status", "flags", "motion",
+    "real_motion"}: status is "degenerate" when any video is non-finite or at least half are constant or
+    static; motion is the finite videos' mean frame difference, to be read against real_motion (several
+    times it: frames that do not follow one another, flicker; benchmarks.motion_check).
     """
     v = videos.float()
     finite = torch.isfinite(v.flatten(1)).all(1)
@@ -42,5 +44,6 @@ def check_samples(videos: Tensor, real_motion: float | None = None) -> dict:
     counts = {"nan": int((~finite).sum()), "constant": int(constant.sum()), "static": int(static.sum())}
     flags = [f"{k}: {c}/{n} samples" for k, c in counts.items() if c]
     degenerate = counts["nan"] > 0 or int(bad.sum()) >= DEGENERATE_FRACTION * n
-    return {"n": n, **counts, "degenerate": int(bad.sum()), "real_motion": real_motion,
+    motion = float(frame_motion(safe[finite]).mean()) if bool(finite.any()) else None
+    return {"n": n, **counts, "degenerate": int(bad.sum()), "motion": motion, "real_motion": real_motion,
             "status": "degenerate" if degenerate else "ok", "flags": flags}

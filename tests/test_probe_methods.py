@@ -2,6 +2,8 @@
 
 import csv
 
+import pytest
+
 from benchmarks import probe_methods
 
 
@@ -61,6 +63,19 @@ def test_videofusion_base_probe_on_a_test_run(tmp_path):
     eps = method.noise(torch.empty(5, C, method.data.frames, H, W), torch.Generator().manual_seed(0), base=b)
     assert torch.allclose(eps[:, :, method.key], b.expand(5, C, H, W))
     assert not torch.allclose(eps[0, :, method.key - 1], eps[1, :, method.key - 1])  # residuals differ
+    # flicker: the same run's frame change at two guidance scales, against real clips' (and in the run's row)
+    assert row["sample_check"]["motion"] > 0 and row["sample_check"]["real_motion"] > 0
+    fl = probe_methods.main(["flicker", f"run_dir={row['run_dir']}", "n=3", "guidance=1,4", "steps=2",
+                             f"out={tmp_path}"])
+    assert [(r["guidance"], r["steps"]) for r in fl["settings"]] == [(1.0, 2), (4.0, 2)]
+    assert all(r["ratio"] == pytest.approx(r["motion"] / fl["real_motion"]) and 0 <= r["cond_acc"] <= 1
+               for r in fl["settings"])
+    again = probe_methods.main(["flicker", f"run_dir={row['run_dir']}", "n=3", "guidance=4", "steps=2",
+                                f"out={tmp_path}"])
+    assert again["settings"][0]["motion"] == pytest.approx(fl["settings"][1]["motion"])  # seeded: the same videos
+    assert (tmp_path / "videofusion_flicker.json").exists()
+    with pytest.raises(SystemExit, match="run_dir"):
+        probe_methods.main(["flicker"])
 
 
 def test_i2v_protocol_scores_one_run_under_both_first_frame_splits(tmp_path):
