@@ -83,7 +83,7 @@ def measure(run_dirs: list[Path], n_real: int = 64) -> list[dict]:
             reals[key] = real_motion(cfg, n_real)
         samples = videos_in(folder.samples_dir)
         motion = float(frame_motion(samples).mean())
-        saved = json.loads(folder.metrics_path.read_text()) if folder.metrics_path.exists() else {}
+        saved = folder.stored_row() or {}
         rows.append({"run": run_dir.name, "method": cfg.method.name, "time_budget": cfg.trainer.get("time_budget"),
                      "seed": cfg.seed, "n_samples": len(samples), "motion": motion, "real_motion": reals[key],
                      "ratio": motion / reals[key] if reals[key] > 0 else float("nan"),

@@ -38,12 +38,13 @@ def check_samples(videos: Tensor, real_motion: float | None = None) -> dict:
     safe = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
     constant = finite & (safe.flatten(1).std(1) < CONSTANT_STD)
     moves = real_motion is not None and real_motion > MOVING_DIFF
-    static = finite & ~constant & (frame_motion(safe) < STATIC_DIFF) if moves else torch.zeros_like(finite)
+    per_video = frame_motion(safe)  # (N,)
+    static = finite & ~constant & (per_video < STATIC_DIFF) if moves else torch.zeros_like(finite)
     bad = ~finite | constant | static
     n = len(v)
     counts = {"nan": int((~finite).sum()), "constant": int(constant.sum()), "static": int(static.sum())}
     flags = [f"{k}: {c}/{n} samples" for k, c in counts.items() if c]
     degenerate = counts["nan"] > 0 or int(bad.sum()) >= DEGENERATE_FRACTION * n
-    motion = float(frame_motion(safe[finite]).mean()) if bool(finite.any()) else None
+    motion = float(per_video[finite].mean()) if bool(finite.any()) else None
     return {"n": n, **counts, "degenerate": int(bad.sum()), "motion": motion, "real_motion": real_motion,
             "status": "degenerate" if degenerate else "ok", "flags": flags}
