@@ -73,6 +73,10 @@ class OptimConfig:
     warmup_steps: int = 50  # linear LR warm-up
     ema_decay: float = 0.999  # 0 disables EMA
     ema_start_step: int = 0
+    # after the warm-up: constant (none), or decaying to 0 at the end of each stage (linear | cosine) from
+    # lr_decay_start (a fraction of the stage's steps, or of its seconds under trainer.time_budget) on
+    lr_decay: str = "none"
+    lr_decay_start: float = 0.0
 
 
 @dataclass

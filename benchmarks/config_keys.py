@@ -8,4 +8,4 @@ HOW_KEYS = ("run_dir", "runs_root", "results", "cache_dir", "tag", "trainer.prog
 # Keys added after results were stored, with their defaults: left out of the config hash while at their
 # default, so the hashes of configs written before them (done sweep jobs, finished runs) stay what they were.
 ABSENT_AT_DEFAULT = {"trainer.time_budget": None, "trainer.compile": False, "trainer.channels_last": False,
-                     "trainer.attention": "auto"}
+                     "trainer.attention": "auto", "optim.lr_decay": "none", "optim.lr_decay_start": 0.0}

@@ -72,6 +72,8 @@ def validate_config(cfg: DictConfig) -> None:
     need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     need(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "in [0, 1) (0 disables EMA)")
+    one_of("optim.lr_decay", o.lr_decay, ("none", "linear", "cosine"))
+    need(0 <= o.lr_decay_start < 1, "optim.lr_decay_start", o.lr_decay_start, "a fraction of each stage, in [0, 1)")
     need(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0")
     for stage in (s for s in METHODS[cfg.method.name].stages if s in cfg.stages):  # a stage's own overrides

@@ -254,7 +254,7 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.trainer.states import TrainerStatus
 
-    from lightning_modules.system import EMA, StageSystem
+    from lightning_modules.system import EMA, LRSchedule, StageSystem
 
     records = {}
     budget = cfg.trainer.get("time_budget")
@@ -284,9 +284,8 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
         if hasattr(method, "on_stage_start"):
             method.on_stage_start(stage)
         L.seed_everything(cfg.seed + 1000 * method.stages.index(stage), workers=True, verbose=False)
-        system = StageSystem(method, stage, lr=settings["lr"], betas=tuple(settings["betas"]),
-                             weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
-                             compile=bool(cfg.trainer.compile))
+        schedule = LRSchedule(cfg.optim.warmup_steps, settings["max_steps"], cfg.optim.get("lr_decay", "none"),
+                              float(cfg.optim.get("lr_decay_start", 0.0)))
         timer, allowance = None, None
         if budget:
             todo = [s for s in method.stages[method.stages.index(stage):] if not folder.stage_done(s)]
@@ -296,6 +295,9 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
             cap = max(1, math.ceil(BUDGET_STEP_HEADROOM * allowance / per_step)) if per_step else 10**7
             settings["max_steps"] = rec["steps"] = cap
             timer = TimeBudget()
+        system = StageSystem(method, stage, lr=settings["lr"], betas=tuple(settings["betas"]),
+                             weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
+                             compile=bool(cfg.trainer.compile), schedule=schedule)
         every = max(1, min(settings["max_steps"], cfg.trainer.checkpoint_every_n_steps))
         callbacks = [ModelCheckpoint(dirpath=str(folder.stage_dir(stage)), save_last=True, save_top_k=0,
                                      every_n_train_steps=every)]
@@ -314,8 +316,9 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
                  if budget else f"{settings['max_steps']} steps")
               + (f" (resuming from {last}, {before:.0f} s trained before)" if last.exists() else ""))
         t0 = time.perf_counter()
-        if timer is not None:
-            timer.deadline = t0 + allowance - before
+        if timer is not None:  # the clock of the stage's allowance, which a decaying learning rate follows too
+            timer.deadline = schedule.deadline = t0 + allowance - before
+            schedule.allowance = allowance
         trainer.fit(system, train_dataloaders=loader, ckpt_path=str(last) if last.exists() else None)
         seconds = before + time.perf_counter() - t0  # accumulated over every attempt (kept in last.ckpt)
         # under ddp_spawn the loop counters stay in the workers; only weights, state and metrics come back

@@ -30,12 +30,14 @@ class StageSystem(L.LightningModule):
     """
 
     def __init__(self, method: VideoGenerator, stage: str, *, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 weight_decay: float = 0.0, warmup_steps: int = 0, compile: bool = False) -> None:
+                 weight_decay: float = 0.0, warmup_steps: int = 0, compile: bool = False,
+                 schedule: LRSchedule | None = None) -> None:
         super().__init__()
         method.check_stage(stage)
         self.method = method
         self.stage = stage
         self.lr, self.betas, self.weight_decay, self.warmup_steps = lr, tuple(betas), weight_decay, warmup_steps
+        self.schedule = schedule if schedule is not None else LRSchedule(warmup_steps)
         trainable = {id(p) for p in method.stage_parameters(stage)}
         if not trainable:
             raise ValueError(f"stage {stage!r} of {type(method).__name__} has no parameters to train")
@@ -104,8 +106,7 @@ class StageSystem(L.LightningModule):
     def configure_optimizers(self):
         groups = optimizer_groups(self.method, self.stage, self.lr)
         opt = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        warm = max(1, self.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -137,6 +138,39 @@ def clip_by_player(optimizer: torch.optim.Optimizer, max_norm: float) -> dict[st
     it is Lightning's norm clipping. One norm over an autoencoder and its discriminators let the discriminators'
     gradient (measured ~40x the autoencoder's in PVDM's tiny setting) shrink the autoencoder's step ~40x."""
     return {name: float(torch.nn.utils.clip_grad_norm_(params, max_norm)) for name, params in players(optimizer).items()}
+
+
+class LRSchedule:
+    """The learning-rate factor of a stage's step: a linear warm-up over `warmup_steps`, then constant (`decay`
+    "none") or decaying to 0 at the end of the stage ("linear", "cosine"), from `decay_start` (a fraction of the
+    stage) on. The stage's progress is step / `max_steps`, or, under a time budget (`deadline`, a
+    time.perf_counter() value, and `allowance`, the stage's seconds, set when its clock starts), the fraction of
+    its seconds spent when that is further along: a time-budgeted stage does not know its step count in advance.
+    A class, not a closure, so `ddp_spawn` can pickle it."""
+
+    DECAYS = ("none", "linear", "cosine")
+
+    def __init__(self, warmup_steps: int = 0, max_steps: int = 1, decay: str = "none", decay_start: float = 0.0) -> None:
+        if decay not in self.DECAYS:
+            raise ValueError(f"optim.lr_decay must be one of {', '.join(self.DECAYS)}; got {decay!r}")
+        if not 0.0 <= decay_start < 1.0:
+            raise ValueError(f"optim.lr_decay_start must be in [0, 1) (a fraction of the stage); got {decay_start}")
+        self.warmup_steps, self.max_steps, self.decay, self.decay_start = warmup_steps, max(1, max_steps), decay, decay_start
+        self.deadline: float | None = None
+        self.allowance: float | None = None
+
+    def progress(self, step: int) -> float:
+        p = step / self.max_steps
+        if self.deadline is not None and self.allowance:
+            p = max(p, 1.0 - (self.deadline - time.perf_counter()) / self.allowance)
+        return min(1.0, max(0.0, p))
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        if self.decay == "none":
+            return warm
+        q = max(0.0, self.progress(step) - self.decay_start) / (1.0 - self.decay_start)
+        return warm * ((1.0 - q) if self.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * q)))
 
 
 class EMA(WeightAveraging):
