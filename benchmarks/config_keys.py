@@ -8,4 +8,5 @@ HOW_KEYS = ("run_dir", "runs_root", "results", "cache_dir", "tag", "trainer.prog
 # Keys added after results were stored, with their defaults: left out of the config hash while at their
 # default, so the hashes of configs written before them (done sweep jobs, finished runs) stay what they were.
 ABSENT_AT_DEFAULT = {"trainer.time_budget": None, "trainer.compile": False, "trainer.channels_last": False,
-                     "trainer.attention": "auto", "optim.lr_decay": "none", "optim.lr_decay_start": 0.0}
+                     "trainer.attention": "auto", "optim.lr_decay": "none", "optim.lr_decay_start": 0.0,
+                     **{f"method.{at}diffusion.min_snr_gamma": 0.0 for at in ("", "image_prior.", "motion.")}}

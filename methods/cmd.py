@@ -414,7 +414,8 @@ class CMD(VideoGenerator):
         t = D.sample_timesteps(n, len(self.motion_alpha_bar), z.device)
         drop = self.motion.random_drop(n, self.cfg.motion.diffusion.cond_drop_prob, z.device)
         per_sample = D.diffusion_loss(lambda z_t, tt: self.motion(z_t, tt, content, cond, drop), z, t,
-                                      self.motion_alpha_bar, torch.randn_like(z), self.cfg.motion.diffusion.objective)
+                                      self.motion_alpha_bar, torch.randn_like(z), self.cfg.motion.diffusion.objective,
+                                      self.cfg.motion.diffusion.min_snr_gamma)
         return per_sample.mean()
 
     # --- sampling (Algorithm 1) ------------------------------------------------------------------

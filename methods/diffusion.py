@@ -149,13 +149,33 @@ def sample_timesteps(n: int, num_timesteps: int, device: torch.device | str = "c
     return torch.randint(0, num_timesteps, (n,), device=device, generator=generator)
 
 
+def min_snr_weight(t: Tensor, alpha_bar: Tensor, objective: str, gamma: float) -> Tensor:
+    """(B,) Min-SNR-gamma loss weights (Hang et al., ICCV 2023): each objective's loss re-weighted so that it is
+    the x0 loss weighted by min(SNR(t), gamma), SNR = alpha_bar / (1 - alpha_bar): eps min(SNR, g) / SNR,
+    v min(SNR, g) / (SNR + 1), x0 min(SNR, g). Low-noise steps, which plain losses weight most, no longer
+    dominate the gradient."""
+    a = alpha_bar.to(t.device)[t].double()
+    snr = a / (1 - a)
+    clipped = snr.clamp(max=gamma)
+    if objective == "eps":
+        w = clipped / snr
+    elif objective == "v":
+        w = clipped / (snr + 1)
+    elif objective == "x0":
+        w = clipped
+    else:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    return w.float()
+
+
 def diffusion_loss(model: Model, x0: Tensor, t: Tensor, alpha_bar: Tensor, noise: Tensor,
-                   objective: str = "eps") -> Tensor:
-    """Per-sample simple loss (B,): mean squared error of the prediction (DDPM eq. 14)."""
+                   objective: str = "eps", min_snr_gamma: float = 0.0) -> Tensor:
+    """Per-sample simple loss (B,): mean squared error of the prediction (DDPM eq. 14); with `min_snr_gamma` > 0,
+    weighted per sample by `min_snr_weight`."""
     x_t = q_sample(x0, t, alpha_bar, noise)
     target = training_target(x0, t, noise, alpha_bar, objective)
-    err = (model(x_t, t).float() - target.float()) ** 2
-    return err.flatten(1).mean(1)
+    err = ((model(x_t, t).float() - target.float()) ** 2).flatten(1).mean(1)
+    return err * min_snr_weight(t, alpha_bar, objective, min_snr_gamma) if min_snr_gamma > 0 else err
 
 
 # --- classifier-free guidance ------------------------------------------------------------

@@ -177,7 +177,8 @@ class FirstFrameDiffusion(VideoGenerator):
         t = D.sample_timesteps(n, len(self.alpha_bar), z0.device)
         drop = self.denoiser.random_drop(n, self.cfg.diffusion.cond_drop_prob, z0.device)
         per_sample = D.diffusion_loss(lambda z_t, tt: self.denoiser(self._with_first(z_t, feats), tt, cond, drop),
-                                      z0, t, self.alpha_bar, torch.randn_like(z0), self.cfg.diffusion.objective)
+                                      z0, t, self.alpha_bar, torch.randn_like(z0), self.cfg.diffusion.objective,
+                                      self.cfg.diffusion.min_snr_gamma)
         return per_sample.mean()
 
     def first_frame(self, n: int, cond: Conditioning) -> Tensor:

@@ -225,7 +225,7 @@ class ImagePrior(nn.Module):
         t = D.sample_timesteps(n, len(self.alpha_bar), x0.device)
         drop = self.denoiser.random_drop(n, self.cfg.diffusion.cond_drop_prob, x0.device)
         per_sample = D.diffusion_loss(lambda x_t, tt: self.denoiser(x_t, tt, cond, drop), x0, t, self.alpha_bar,
-                                      torch.randn_like(x0), self.objective)
+                                      torch.randn_like(x0), self.objective, self.cfg.diffusion.min_snr_gamma)
         return per_sample.mean()
 
     def eps_model(self, cond: Conditioning | None, guidance: float) -> D.Model:

@@ -258,7 +258,8 @@ class PVDM(VideoGenerator):
         t = D.sample_timesteps(n, len(self.alpha_bar), z.device)
         drop = self.denoiser.random_drop(n, self.cfg.diffusion.cond_drop_prob, z.device)
         per_sample = D.diffusion_loss(lambda z_t, tt: self.denoiser(torch.cat([z_t, z_prev], dim=1), tt, cond, drop),
-                                      z, t, self.alpha_bar, torch.randn_like(z), self.cfg.diffusion.objective)
+                                      z, t, self.alpha_bar, torch.randn_like(z), self.cfg.diffusion.objective,
+                                      self.cfg.diffusion.min_snr_gamma)
         return {"loss": per_sample.mean(), "conditioned": conditioned.float().mean()}
 
     # --- sampling ----------------------------------------------------------------------------------

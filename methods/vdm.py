@@ -26,6 +26,7 @@ class DiffusionConfig:
     objective: str = "eps"  # eps | v | x0
     sampler: str = "ddim"  # ddim | ddpm | dpmpp2m (DPM-Solver++(2M): deterministic, DDIM's trajectory in fewer steps)
     cond_drop_prob: float = 0.1  # CFG training: condition dropped with this probability
+    min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weighting (methods.diffusion.min_snr_weight); 0: the plain loss
 
 
 @dataclass
@@ -91,7 +92,7 @@ class VDM(VideoGenerator):
         drop = self.denoiser.random_drop(n, self.cfg.diffusion.cond_drop_prob, x0.device)
         cond = Conditioning.from_batch(batch)
         per_sample = D.diffusion_loss(lambda x_t, tt: self.denoiser(x_t, tt, cond, drop), x0, t, self.alpha_bar,
-                                      noise, self.cfg.diffusion.objective)
+                                      noise, self.cfg.diffusion.objective, self.cfg.diffusion.min_snr_gamma)
         return {"loss": per_sample.mean()}
 
     @torch.no_grad()

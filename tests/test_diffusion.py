@@ -207,3 +207,24 @@ def test_run_sampler_dispatches_dpmpp2m_and_refuses_a_stochastic_eta():
         run_sampler("dpmpp2m", _oracle(point, ab), x_T, ab, 10, 0.5, None)
     with pytest.raises(ValueError, match="ddim, ddpm or dpmpp2m"):
         run_sampler("euler", _oracle(point, ab), x_T, ab, 10, 0.0, None)
+
+
+@pytest.mark.parametrize("objective", ["eps", "v", "x0"])
+def test_min_snr_weighting_is_the_x0_loss_weighted_by_clipped_snr(objective):
+    """Whatever the objective, the weighted loss equals min(SNR, gamma) x the error of the implied x0 estimate."""
+    torch.manual_seed(0)
+    alpha_bar = D.alpha_bar_schedule("cosine", 1000)
+    x0, noise = torch.randn(6, 3, 4, 8, 8), torch.randn(6, 3, 4, 8, 8)
+    t = torch.tensor([0, 10, 200, 500, 800, 999])
+    out = torch.randn_like(x0)  # any network output
+    model = lambda x_t, tt: out  # noqa: E731
+    gamma = 5.0
+    weighted = D.diffusion_loss(model, x0, t, alpha_bar, noise, objective, min_snr_gamma=gamma)
+    x_t = D.q_sample(x0, t, alpha_bar, noise)
+    eps_hat = D.to_eps(out, x_t, t, alpha_bar, objective)
+    x0_err = ((D.x0_from_eps(x_t, t, eps_hat, alpha_bar) - x0) ** 2).flatten(1).mean(1)
+    snr = alpha_bar[t] / (1 - alpha_bar[t])
+    assert weighted.double() == pytest.approx((snr.clamp(max=gamma) * x0_err).double(), rel=1e-3)
+    plain = D.diffusion_loss(model, x0, t, alpha_bar, noise, objective)  # gamma 0: the unweighted loss
+    assert torch.equal(plain, ((out - D.training_target(x0, t, noise, alpha_bar, objective)) ** 2).flatten(1).mean(1))
+    assert weighted.double() == pytest.approx((plain * D.min_snr_weight(t, alpha_bar, objective, gamma)).double())

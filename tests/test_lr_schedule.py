@@ -1,5 +1,6 @@
 """The learning-rate schedule of a stage (optim.lr_decay): warm-up, then constant or decaying to 0 by the end of
-the stage, measured in steps or, under a time budget, in seconds."""
+the stage, measured in steps or, under a time budget, in seconds; and the training options added after results
+were stored (this one, Min-SNR weighting), which leave stored configs' hashes as they were at their defaults."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.config import config_hash, load_config, to_container
+from benchmarks.config import config_hash, load_config, to_container, without_keys
+from benchmarks.config_keys import ABSENT_AT_DEFAULT
 from benchmarks.preflight import ConfigError, validate_config
 from datamodules.base import LoaderConfig, VideoDataModule
 from datamodules.shapes import ShapesConfig
 from lightning_modules.system import LRSchedule, StageSystem
+from methods import METHODS
 from methods.base import DataSpec, VideoGenerator
 
 
@@ -61,12 +64,25 @@ def test_bad_settings_name_the_key():
         validate_config(load_config(["method=vdm", "scale=test", "optim.lr_decay_start=-0.5"]))
 
 
-def test_the_default_schedule_leaves_every_config_hash_as_it_was():
-    cfg = load_config(["method=vdm", "scale=test"])
+def _has(d: dict, key: str) -> bool:
+    *parents, last = key.split(".")
+    for part in parents:
+        d = d.get(part, {})
+    return last in d
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_keys_added_later_leave_every_config_hash_as_it_was_at_their_default(method):
+    cfg = load_config([f"method={method}", "scale=test"])
     d = to_container(cfg)
-    del d["optim"]["lr_decay"], d["optim"]["lr_decay_start"]  # a config written before the keys existed
-    assert config_hash(cfg) == config_hash(d)
-    assert config_hash(load_config(["method=vdm", "scale=test", "optim.lr_decay=linear"])) != config_hash(cfg)
+    present = [k for k in ABSENT_AT_DEFAULT if _has(d, k)]
+    assert "optim.lr_decay" in present and any(k.endswith("diffusion.min_snr_gamma") for k in present)
+    assert config_hash(cfg) == config_hash(without_keys(d, tuple(present)))  # a config written before the keys
+    assert config_hash(load_config([f"method={method}", "scale=test", "optim.lr_decay=linear"])) != config_hash(cfg)
+    gamma = next(k for k in present if k.endswith("min_snr_gamma"))
+    assert config_hash(load_config([f"method={method}", "scale=test", f"{gamma}=5"])) != config_hash(cfg)
+    with pytest.raises(ConfigError, match="min_snr_gamma"):
+        validate_config(load_config([f"method={method}", "scale=test", f"{gamma}=-1"]))
 
 
 class _Scalar(VideoGenerator):
