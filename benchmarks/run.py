@@ -284,8 +284,6 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
         if hasattr(method, "on_stage_start"):
             method.on_stage_start(stage)
         L.seed_everything(cfg.seed + 1000 * method.stages.index(stage), workers=True, verbose=False)
-        schedule = LRSchedule(cfg.optim.warmup_steps, settings["max_steps"], cfg.optim.get("lr_decay", "none"),
-                              float(cfg.optim.get("lr_decay_start", 0.0)))
         timer, allowance = None, None
         if budget:
             todo = [s for s in method.stages[method.stages.index(stage):] if not folder.stage_done(s)]
@@ -295,6 +293,8 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
             cap = max(1, math.ceil(BUDGET_STEP_HEADROOM * allowance / per_step)) if per_step else 10**7
             settings["max_steps"] = rec["steps"] = cap
             timer = TimeBudget()
+        schedule = LRSchedule(cfg.optim.warmup_steps, settings["max_steps"], cfg.optim.get("lr_decay", "none"),
+                              float(cfg.optim.get("lr_decay_start", 0.0)))  # max_steps: the budget's cap, if any
         system = StageSystem(method, stage, lr=settings["lr"], betas=tuple(settings["betas"]),
                              weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
                              compile=bool(cfg.trainer.compile), schedule=schedule)
