@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.config import ConfigError, stage_settings
+from benchmarks.config_keys import DIFFUSION_CONFIGS
 
 PRECISIONS = ("bf16-mixed", "32-true", "32", "16-mixed", "bf16-true", "64-true", "transformer-engine")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed", "single_device")
@@ -74,9 +75,9 @@ def validate_config(cfg: DictConfig) -> None:
     need(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "in [0, 1) (0 disables EMA)")
     one_of("optim.lr_decay", o.lr_decay, ("none", "linear", "cosine"))
     need(0 <= o.lr_decay_start < 1, "optim.lr_decay_start", o.lr_decay_start, "a fraction of each stage, in [0, 1)")
-    for at in ("", "image_prior.", "motion."):  # every diffusion config a method has
-        gamma = OmegaConf.select(cfg, f"method.{at}diffusion.min_snr_gamma")
-        need(gamma is None or gamma >= 0, f"method.{at}diffusion.min_snr_gamma", gamma, ">= 0 (0: the plain loss)")
+    for at in DIFFUSION_CONFIGS:  # every diffusion config a method has
+        gamma = OmegaConf.select(cfg, f"{at}.min_snr_gamma")
+        need(gamma is None or gamma >= 0, f"{at}.min_snr_gamma", gamma, ">= 0 (0: the plain loss)")
     need(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0")
     for stage in (s for s in METHODS[cfg.method.name].stages if s in cfg.stages):  # a stage's own overrides

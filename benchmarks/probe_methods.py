@@ -606,7 +606,7 @@ def _grid_values(text: str | None, default: float, cast) -> list:
 
 def flicker(opts: dict, overrides: list[str]) -> dict:
     """Frame change (ratio to real clips') and motion-class accuracy of n samples at each sampling setting."""
-    from benchmarks.run import _real_motion, sample_videos
+    from benchmarks.run import sample_videos, val_motion
     from evaluation.detectors import load_detector
     from evaluation.sanity import frame_motion
 
@@ -616,7 +616,7 @@ def flicker(opts: dict, overrides: list[str]) -> dict:
         raise SystemExit(f"error: flicker takes run_dir, n, guidance, steps, seed, out; got {overrides}")
     cfg, dm, method = _load_run(opts["run_dir"])
     n, seed = int(opts.get("n", 32)), int(opts.get("seed", cfg.seed))
-    real = _real_motion(dm, n)  # the first n val clips, as every run's sample_check
+    real = val_motion(dm, n)  # the first n val clips, as every run's sample_check
     if not real:
         raise SystemExit(f"error: flicker needs moving val clips of {cfg.dataset.name!r} to compare with")
     det = load_detector("shapes", None) if cfg.dataset.name == "shapes" else None

@@ -296,8 +296,7 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
         schedule = LRSchedule(cfg.optim.warmup_steps, settings["max_steps"], cfg.optim.get("lr_decay", "none"),
                               float(cfg.optim.get("lr_decay_start", 0.0)))  # max_steps: the budget's cap, if any
         system = StageSystem(method, stage, lr=settings["lr"], betas=tuple(settings["betas"]),
-                             weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
-                             compile=bool(cfg.trainer.compile), schedule=schedule)
+                             weight_decay=cfg.optim.weight_decay, compile=bool(cfg.trainer.compile), schedule=schedule)
         every = max(1, min(settings["max_steps"], cfg.trainer.checkpoint_every_n_steps))
         callbacks = [ModelCheckpoint(dirpath=str(folder.stage_dir(stage)), save_last=True, save_top_k=0,
                                      every_n_train_steps=every)]
@@ -437,7 +436,7 @@ def write_samples(videos: torch.Tensor, cond, out_dir: Path, fps: int, class_nam
     return save_grid(u8, out_dir / "grid.png", captions=[r["conditioned_on"] for r in records])
 
 
-def _real_motion(dm, n: int = 16) -> float | None:
+def val_motion(dm, n: int = 16) -> float | None:
     """Mean frame-to-frame difference of the first n val clips (does the data move?)."""
     from evaluation.sanity import frame_motion
 
@@ -560,7 +559,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         n = cfg.sample.num_videos
         videos, cond, sample_seconds = sample_videos(cfg, method, dm, n, cfg.seed)
-        check = check_samples(videos, _real_motion(dm))
+        check = check_samples(videos, val_motion(dm))
         grid = write_samples(videos, cond, folder.samples_dir, cfg.sample.fps, dm.class_names)
         _log_grid(folder.path, grid)
         print(f"wrote {n} samples and {grid} ({sample_seconds:.2f} s per video)")

@@ -36,8 +36,8 @@ class StageSystem(L.LightningModule):
         method.check_stage(stage)
         self.method = method
         self.stage = stage
-        self.lr, self.betas, self.weight_decay, self.warmup_steps = lr, tuple(betas), weight_decay, warmup_steps
-        self.schedule = schedule if schedule is not None else LRSchedule(warmup_steps)
+        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
+        self.schedule = schedule if schedule is not None else LRSchedule(warmup_steps)  # holds the warm-up
         trainable = {id(p) for p in method.stage_parameters(stage)}
         if not trainable:
             raise ValueError(f"stage {stage!r} of {type(method).__name__} has no parameters to train")
