@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks.config import ConfigError, stage_settings
-from benchmarks.config_keys import DIFFUSION_CONFIGS
+from benchmarks.config_keys import DIFFUSION_CONFIGS, UNET_CONFIGS
 
 PRECISIONS = ("bf16-mixed", "32-true", "32", "16-mixed", "bf16-true", "64-true", "transformer-engine")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed", "single_device")
@@ -78,6 +78,11 @@ def validate_config(cfg: DictConfig) -> None:
     for at in DIFFUSION_CONFIGS:  # every diffusion config a method has
         gamma = OmegaConf.select(cfg, f"{at}.min_snr_gamma")
         need(gamma is None or gamma >= 0, f"{at}.min_snr_gamma", gamma, ">= 0 (0: the plain loss)")
+    for at in UNET_CONFIGS:  # every lean UNet a method has
+        unet = OmegaConf.select(cfg, at)
+        levels = list(unet.get("temporal_attention") or []) if unet is not None else []
+        need(all(isinstance(lv, int) and 0 <= lv < len(unet.channels) for lv in levels), f"{at}.temporal_attention",
+             levels, f"levels from 0 (full resolution) to {len(unet.channels) - 1 if unet is not None else 0}")
     need(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, "must be >= 0")
     for stage in (s for s in METHODS[cfg.method.name].stages if s in cfg.stages):  # a stage's own overrides

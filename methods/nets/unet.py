@@ -25,6 +25,9 @@ class UNetConfig:
     attention: bool = True  # spatial (and temporal, for videos) self-attention at the lowest resolution
     heads: int = 4
     emb_dim: int = 0  # timestep/condition embedding width; 0 = 4 * channels[0]
+    # levels (0 = full resolution) whose residual blocks also attend over time at every pixel (videos only);
+    # [] = temporal attention only beside the spatial one at the lowest resolution (with `attention`)
+    temporal_attention: list[int] = field(default_factory=list)
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -53,23 +56,47 @@ class TemporalMix(nn.Module):
         return x + rearrange(h, "(b h w) c t -> (b t) c h w", h=hw[0], w=hw[1])
 
 
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-Conv twice with the embedding as scale/shift; optional temporal mixing after it."""
+def _attend_over_time(x: Tensor, norm: nn.GroupNorm, attn: nn.MultiheadAttention, pos: Tensor, frames: int) -> Tensor:
+    """Residual self-attention over the frames at every pixel: (B*T, C, H, W) -> same."""
+    H, W = x.shape[-2:]
+    h = rearrange(norm(x), "(b t) c h w -> (b h w) t c", t=frames) + pos[:, :frames]
+    h = attn(h, h, h, need_weights=False)[0]
+    return x + rearrange(h, "(b h w) t c -> (b t) c h w", h=H, w=W)
 
-    def __init__(self, cin: int, cout: int, emb_dim: int, temporal: bool) -> None:
+
+class TemporalAttention(nn.Module):
+    """Self-attention over time per pixel with learned frame positions; zero output projection, so it starts as identity."""
+
+    def __init__(self, ch: int, heads: int) -> None:
+        super().__init__()
+        self.norm, self.attn = _norm(ch), nn.MultiheadAttention(ch, heads, batch_first=True)
+        _zero(self.attn.out_proj)
+        self.pos = nn.Parameter(torch.zeros(1, 64, ch))  # up to 64 frames
+
+    def forward(self, x: Tensor, frames: int) -> Tensor:
+        return _attend_over_time(x, self.norm, self.attn, self.pos, frames) if frames > 1 else x
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv twice with the embedding as scale/shift; optional temporal mixing (and attention) after it."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, temporal: bool, time_heads: int = 0) -> None:
         super().__init__()
         self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * cout)
         self.norm2, self.conv2 = _norm(cout), _zero(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.temporal = TemporalMix(cout) if temporal else None
+        self.time_attn = TemporalAttention(cout, time_heads) if temporal and time_heads else None
 
     def forward(self, x: Tensor, emb: Tensor, frames: int) -> Tensor:
         h = self.conv1(nn.functional.silu(self.norm1(x)))
         scale, shift = self.emb(nn.functional.silu(emb))[..., None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.skip(x) + self.conv2(nn.functional.silu(h))
-        return self.temporal(h, frames) if self.temporal is not None else h
+        if self.temporal is not None:
+            h = self.temporal(h, frames)
+        return self.time_attn(h, frames) if self.time_attn is not None else h
 
 
 class Attention(nn.Module):
@@ -84,13 +111,11 @@ class Attention(nn.Module):
             self.pos_t = nn.Parameter(torch.zeros(1, 64, ch))  # learned frame positions (up to 64 frames)
 
     def forward(self, x: Tensor, frames: int) -> Tensor:
-        _, _, H, W = x.shape
+        H = x.shape[-2]
         h = rearrange(self.norm_s(x), "n c h w -> n (h w) c")
         x = x + rearrange(self.attn_s(h, h, h, need_weights=False)[0], "n (h w) c -> n c h w", h=H)
         if self.temporal and frames > 1:
-            h = rearrange(self.norm_t(x), "(b t) c h w -> (b h w) t c", t=frames) + self.pos_t[:, :frames]
-            h = self.attn_t(h, h, h, need_weights=False)[0]
-            x = x + rearrange(h, "(b h w) t c -> (b t) c h w", h=H, w=W)
+            x = _attend_over_time(x, self.norm_t, self.attn_t, self.pos_t, frames)
         return x
 
 
@@ -106,6 +131,14 @@ class UNet(nn.Module):
         chs = list(cfg.channels)
         self.emb_dim = cfg.emb_dim or 4 * chs[0]
         self.temporal = temporal
+        levels = sorted(set(cfg.temporal_attention))
+        if levels and not temporal:
+            raise ValueError(f"unet.temporal_attention={levels} needs a video UNet; this one is built for images: "
+                             "set it to [] here")
+        if any(not 0 <= lv < len(chs) for lv in levels):
+            raise ValueError(f"unet.temporal_attention={levels}: levels run from 0 (full resolution) to {len(chs) - 1} "
+                             f"for channels={chs}")
+        heads = {lv: cfg.heads if lv in levels else 0 for lv in range(len(chs))}
         self.time = TimestepEmbedder(self.emb_dim)
         self.stem = nn.Conv2d(in_channels, chs[0], 3, padding=1)
         self.down = nn.ModuleList()
@@ -113,7 +146,7 @@ class UNet(nn.Module):
         cur = chs[0]
         for level, ch in enumerate(chs):
             for _ in range(cfg.blocks_per_level):
-                self.down.append(ResBlock(cur, ch, self.emb_dim, temporal))
+                self.down.append(ResBlock(cur, ch, self.emb_dim, temporal, heads[level]))
                 cur = ch
                 skips.append(cur)
             if level < len(chs) - 1:
@@ -125,7 +158,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for level, ch in reversed(list(enumerate(chs))):
             for _ in range(cfg.blocks_per_level + 1):
-                self.up.append(ResBlock(cur + skips.pop(), ch, self.emb_dim, temporal))
+                self.up.append(ResBlock(cur + skips.pop(), ch, self.emb_dim, temporal, heads[level]))
                 cur = ch
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)))
