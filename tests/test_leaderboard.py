@@ -137,3 +137,12 @@ def test_how_keys_are_not_settings():
     b["config"]["data"] = {"num_workers": 4}
     entries = lb.aggregate([a, b])
     assert len(entries) == 1 and len(entries[0].rows) == 2 and "trainer.progress_bar" not in entries[0].settings
+
+
+def test_a_later_added_key_at_its_default_reads_as_its_default(tmp_path):
+    # rows store such keys only when set (benchmarks.config_keys.ABSENT_AT_DEFAULT); the column shows the default
+    plain = _row("vdm", 0, fvd=100.0)
+    decayed = _row("vdm", 0, fvd=90.0, config_sha256="decayed")
+    decayed["config"] = {**decayed["config"], "optim": {"lr_decay": "cosine"}}
+    (a, b) = sorted(lb.aggregate([plain, decayed]), key=lambda e: str(e.swept))
+    assert a.swept == {"optim.lr_decay": "cosine"} and b.swept == {"optim.lr_decay": "none"}
