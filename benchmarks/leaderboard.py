@@ -264,11 +264,12 @@ def aggregate(rows: list[dict]) -> list[Entry]:
     by_method = defaultdict(list)
     for e in entries:
         by_method[(e.method, e.dataset)].append(e)
+
+    def value(e: Entry, k: str):  # a later-added key left at its default reads as that default, not as absent
+        return e.settings.get(k, ABSENT_AT_DEFAULT.get(k))
+
     for group in by_method.values():
         keys = {k for e in group for k in e.settings}
-        def value(e: Entry, k: str):  # a later-added key left at its default reads as that default, not as absent
-            return e.settings.get(k, ABSENT_AT_DEFAULT.get(k))
-
         varying = sorted(k for k in keys if len({json.dumps(value(e, k), sort_keys=True) for e in group}) > 1)
         for e in group:
             e.swept = {k: value(e, k) for k in varying if k != "method.name"}

@@ -139,7 +139,7 @@ def test_how_keys_are_not_settings():
     assert len(entries) == 1 and len(entries[0].rows) == 2 and "trainer.progress_bar" not in entries[0].settings
 
 
-def test_a_later_added_key_at_its_default_reads_as_its_default(tmp_path):
+def test_a_later_added_key_at_its_default_reads_as_its_default():
     # rows store such keys only when set (benchmarks.config_keys.ABSENT_AT_DEFAULT); the column shows the default
     plain = _row("vdm", 0, fvd=100.0)
     decayed = _row("vdm", 0, fvd=90.0, config_sha256="decayed")

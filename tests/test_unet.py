@@ -7,11 +7,11 @@ import torch
 
 from benchmarks.config import config_hash, load_config
 from benchmarks.preflight import ConfigError, validate_config
-from methods.nets.unet import UNet, UNetConfig
+from methods.nets.unet import TemporalAttention, UNet, UNetConfig
 
 
-def _unet(levels: list[int], seed: int = 0) -> UNet:
-    torch.manual_seed(seed)
+def _unet(levels: list[int]) -> UNet:
+    torch.manual_seed(0)
     return UNet(3, 3, UNetConfig(channels=[8, 16], heads=2, attention=False, temporal_attention=levels), temporal=True)
 
 
@@ -34,7 +34,7 @@ def test_temporal_attention_starts_as_identity():
     # the new blocks train: their output projection gets a gradient (once the zero-initialised output layer has moved)
     torch.nn.init.normal_(extra.out[-1].weight, std=0.1)
     extra(x, t).square().mean().backward()
-    grads = [m.attn.out_proj.weight.grad for m in extra.modules() if type(m).__name__ == "TemporalAttention"]
+    grads = [m.attn.out_proj.weight.grad for m in extra.modules() if isinstance(m, TemporalAttention)]
     assert len(grads) == 2 * 3 and all(g is not None and g.abs().sum() > 0 for g in grads)  # 1 down + 2 up per level
 
 

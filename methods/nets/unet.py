@@ -138,7 +138,6 @@ class UNet(nn.Module):
         if any(not 0 <= lv < len(chs) for lv in levels):
             raise ValueError(f"unet.temporal_attention={levels}: levels run from 0 (full resolution) to {len(chs) - 1} "
                              f"for channels={chs}")
-        heads = {lv: cfg.heads if lv in levels else 0 for lv in range(len(chs))}
         self.time = TimestepEmbedder(self.emb_dim)
         self.stem = nn.Conv2d(in_channels, chs[0], 3, padding=1)
         self.down = nn.ModuleList()
@@ -146,7 +145,7 @@ class UNet(nn.Module):
         cur = chs[0]
         for level, ch in enumerate(chs):
             for _ in range(cfg.blocks_per_level):
-                self.down.append(ResBlock(cur, ch, self.emb_dim, temporal, heads[level]))
+                self.down.append(ResBlock(cur, ch, self.emb_dim, temporal, cfg.heads * (level in levels)))
                 cur = ch
                 skips.append(cur)
             if level < len(chs) - 1:
@@ -158,7 +157,8 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for level, ch in reversed(list(enumerate(chs))):
             for _ in range(cfg.blocks_per_level + 1):
-                self.up.append(ResBlock(cur + skips.pop(), ch, self.emb_dim, temporal, heads[level]))
+                self.up.append(ResBlock(cur + skips.pop(), ch, self.emb_dim, temporal,
+                                        cfg.heads * (level in levels)))
                 cur = ch
             if level > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)))
