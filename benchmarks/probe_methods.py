@@ -1,4 +1,5 @@
-"""Probes of ED-VDM's codec loop, PVDM's clip length / long videos (issue #12 sections 3 and 4) and any method's flicker.
+"""Probes of ED-VDM's codec loop, PVDM's clip length / long videos (issue #12 sections 3 and 4), any method's flicker and
+whether an image-to-video run continues the frame it is given.
 
     python -m benchmarks.probe_methods edvdm-loop [run_dir=R] [n=256] [noise=0.02] [ae_steps=200] [out=DIR] [overrides]
     python -m benchmarks.probe_methods pvdm-cost [scales=test,tiny,paper] [batch=4] [time=false] [out=DIR]
@@ -7,6 +8,7 @@
     python -m benchmarks.probe_methods pvdm-ae [seconds=75 | steps=N] [n=64] [overrides, e.g. stages.autoencoder.lr=3e-4]
     python -m benchmarks.probe_methods i2v-protocol run_dir=R [eval.num_samples=N] [sample.guidance=S] [out=DIR]
     python -m benchmarks.probe_methods flicker run_dir=R [n=32] [guidance=1,2,4,6] [steps=25,50] [out=DIR]
+    python -m benchmarks.probe_methods i2v-follow run_dir=R [n=64] [seed=S] [out=DIR]
 
 edvdm-loop: the codec's reconstruction of n held-out clips (the I-frame given, every P-frame rebuilt from
 its motion vectors and its coded residual), in the open loop (residuals against the original previous
@@ -55,6 +57,16 @@ change (evaluation.sanity.frame_motion) as a ratio to n real val clips' (about 1
 several: frames that do not follow one another) and the shapes evaluator's motion-class accuracy on them:
 whether a run's flicker (benchmarks.motion_check) comes from how it is sampled or from the model.
 Written to out/<method>_flicker.json.
+
+i2v-follow: does an image-to-video run continue the frame it is given? It samples n videos conditioned like
+val clips 0..n-1 (their first frame and class: what the run's samples and the evaluation are conditioned on)
+and compares frame t of video i with frame t of real clip i, whose first frame it was given and whose class
+it was asked for: the mean absolute error per frame (pixels in [-1, 1]), beside two references on the
+same clips: `first frame held` (the given frame repeated, the static floor's video: what not moving costs)
+and `another clip` (video i against clip i+1: what an unrelated video costs). Motion-class accuracy can be
+high while a model redraws the sprite elsewhere instead of moving the one it was given; this shows it:
+a model that follows its first frame stays below `first frame held` in the first frames. Written to
+out/<method>_follow.json and out/<method>_follow.png.
 """
 
 from __future__ import annotations
@@ -640,9 +652,87 @@ def flicker(opts: dict, overrides: list[str]) -> dict:
     return report
 
 
+# --- image-to-video: does the video continue its first frame? ---------------------------------------
+
+
+def follow_errors(videos: Tensor, real: Tensor) -> dict[str, list[float]]:
+    """Per-frame mean absolute error (N, C, T, H, W) -> T values for each of: `generated` (video i against
+    real clip i), `first frame held` (real clip i's frame 0 repeated, against clip i) and `another clip`
+    (video i against clip i+1, wrapping; needs N >= 2)."""
+    if videos.shape != real.shape:
+        raise ValueError(f"generated videos {tuple(videos.shape)} and real clips {tuple(real.shape)} differ in shape")
+
+    def mae(a: Tensor, b: Tensor) -> list[float]:
+        return (a.float() - b.float()).abs().mean(dim=(0, 1, 3, 4)).tolist()
+
+    held = real[:, :, :1].expand_as(real)
+    out = {"generated": mae(videos, real), "first frame held": mae(held, real)}
+    if len(real) >= 2:
+        out["another clip"] = mae(videos, real.roll(-1, dims=0))  # clip i+1
+    return out
+
+
+def _plot_follow(curves: dict[str, list[float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, curve in curves.items():
+        ax.plot(range(len(curve)), curve, marker=".", label=key)
+    ax.set_xlabel("frame index (0 = the given first frame)")
+    ax.set_ylabel("mean |video - real clip|  (pixels in [-1, 1])")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def i2v_follow(opts: dict, overrides: list[str]) -> dict:
+    """Per-frame error of n image-to-video samples against the real clips they were conditioned on."""
+    from benchmarks.run import sample_videos
+    from evaluation.detectors import load_detector
+
+    if "run_dir" not in opts:
+        raise SystemExit("error: i2v-follow needs run_dir= (a trained image-to-video run: method=dvdm or edvdm)")
+    if overrides:
+        raise SystemExit(f"error: i2v-follow takes run_dir, n, seed, out; got {overrides}")
+    cfg, dm, method = _load_run(opts["run_dir"])
+    if not method.image_to_video:
+        raise SystemExit(f"error: i2v-follow needs an image-to-video run (method=dvdm or edvdm), not {cfg.method.name}")
+    n, seed = int(opts.get("n", 64)), int(opts.get("seed", cfg.seed))
+    if n < 2:
+        raise SystemExit(f"error: i2v-follow needs n >= 2 (the `another clip` reference pairs video i with clip i+1), "
+                         f"got n={n}")
+    cfg.trainer.progress_bar = False
+    videos, cond, seconds = sample_videos(cfg, method, dm, n, seed)
+    ds = dm.dataset("val")
+    real = torch.stack([ds.eval_clip(i % len(ds), cfg.eval.clip_seed)["video"] for i in range(n)])
+    if not torch.equal(real[:, :, 0], cond.first_frame):
+        raise RuntimeError("the real clips are not the ones the samples were conditioned on (first frames differ)")
+    curves = follow_errors(videos, real)
+    early = slice(1, min(4, videos.shape[2]))  # frames 1-3: where continuing the given frame matters most
+    summary = {k: {"frames_1_3": sum(c[early]) / len(c[early]), "all_frames": sum(c[1:]) / (len(c) - 1)}
+               for k, c in curves.items()}
+    report: dict = {"run_dir": opts["run_dir"], "method": cfg.method.name, "n": n, "seed": seed,
+                    "sample_seconds_per_video": seconds, "curves": curves, "summary": summary}
+    if cfg.dataset.name == "shapes" and cond.label is not None:
+        report["cond_acc"] = (_heads(load_detector("shapes", None), videos)["motion"] == cond.label).float().mean().item()
+    for k, s in summary.items():
+        print(f"{k:>17}: mean |video - real clip| {s['frames_1_3']:.4f} over frames 1-3, {s['all_frames']:.4f} over all")
+    out = Path(opts.get("out", DEFAULT_OUT))
+    _write_json(out, f"{cfg.method.name}_follow.json", report)
+    _plot_follow(curves, out / f"{cfg.method.name}_follow.png",
+                 f"{cfg.method.name}: n={n} samples vs the val clips whose first frame and class they were given")
+    return report
+
+
 COMMANDS = {"edvdm-loop": edvdm_loop, "pvdm-cost": pvdm_cost, "long-video": long_video, "pvdm-long": long_video,
             "videofusion-base": videofusion_base, "i2v-protocol": i2v_protocol, "pvdm-ae": pvdm_ae,
-            "flicker": flicker}
+            "flicker": flicker, "i2v-follow": i2v_follow}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -94,6 +94,34 @@ def test_i2v_protocol_scores_one_run_under_both_first_frame_splits(tmp_path):
     assert long["frames"] == 2 * long["clip_frames"] and len(long["chained"]["fvd_per_clip"]) == 2
     assert 0 <= long["chained"]["appearance"]["color_same"] <= 1 and (tmp_path / "dvdm_long.json").exists()
     assert (tmp_path / "i2v_protocol.json").exists()
+    # the same run against the clips whose first frames it was given
+    fol = probe_methods.main(["i2v-follow", f"run_dir={row['run_dir']}", "n=3", f"out={tmp_path}"])
+    T = len(fol["curves"]["generated"])
+    assert set(fol["curves"]) == {"generated", "first frame held", "another clip"} and T == long["clip_frames"]
+    assert fol["curves"]["generated"][0] == pytest.approx(0, abs=1e-6)  # D-VDM's frame 0 is the given frame
+    assert fol["curves"]["first frame held"][0] == 0 and 0 <= fol["cond_acc"] <= 1
+    assert (tmp_path / "dvdm_follow.json").exists() and (tmp_path / "dvdm_follow.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="n >= 2"):
+        probe_methods.main(["i2v-follow", f"run_dir={row['run_dir']}", "n=1"])
+
+
+def test_follow_errors_closed_form():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(4, 3, 5, 6, 6, generator=g) * 2 - 1
+    same = probe_methods.follow_errors(real, real)
+    assert same["generated"] == [0.0] * 5  # the real continuation itself
+    held = real[:, :, :1].expand_as(real)
+    expect = [(real[:, :, 0] - real[:, :, t]).abs().mean().item() for t in range(5)]
+    assert same["first frame held"] == pytest.approx(expect) and expect[0] == 0
+    still = probe_methods.follow_errors(held, real)  # a video that holds its first frame scores as the floor
+    assert still["generated"] == pytest.approx(still["first frame held"])
+    shifted = probe_methods.follow_errors(real.roll(-1, dims=0), real)  # clip i+1 as video i: the other reference
+    assert shifted["generated"] == pytest.approx(same["another clip"]) and min(shifted["generated"]) > 0.1
+    assert shifted["another clip"] == [0.0] * 5  # video i is clip i+1 itself
+    with pytest.raises(ValueError, match="differ in shape"):
+        probe_methods.follow_errors(real[:, :, :4], real)
 
 
 def test_pvdm_ae_trains_the_autoencoder_alone_and_scores_its_reconstructions():
