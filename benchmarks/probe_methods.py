@@ -129,6 +129,19 @@ def _load_run(run_dir: str):
     return load_run(Path(run_dir))
 
 
+def _trained_run(opts: dict, overrides: list[str], probe: str, takes: str, image_to_video: bool = False):
+    """(cfg, dm, method) of the run_dir= run of a probe that takes no config overrides, or a clear error."""
+    what = "a trained image-to-video run: method=dvdm or edvdm" if image_to_video else "a trained benchmarks.run folder"
+    if "run_dir" not in opts:
+        raise SystemExit(f"error: {probe} needs run_dir= ({what})")
+    if overrides:
+        raise SystemExit(f"error: {probe} takes {takes}; got {overrides}")
+    cfg, dm, method = _load_run(opts["run_dir"])
+    if image_to_video and not method.image_to_video:
+        raise SystemExit(f"error: {probe} needs {what}, not {cfg.method.name}")
+    return cfg, dm, method
+
+
 def _plain(cfg) -> dict:
     from omegaconf import OmegaConf
 
@@ -286,27 +299,37 @@ def edvdm_loop(opts: dict, overrides: list[str]) -> dict:
     return report
 
 
-def _plot_curves(curves: dict[str, list[float]], path: Path, title: str) -> None:
+def _plot_lines(lines: list[tuple[list[float], dict]], path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    """One curve per (values over the frame index, matplotlib line style) in `lines`, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = {}
-    for key, curve in curves.items():
-        coder, loop = key.rsplit("/", 1)
-        color = colors.setdefault(coder, f"C{len(colors)}")
-        ax.plot(range(len(curve)), curve, color=color, linestyle="-" if loop == "closed" else "--", marker=".",
-                label=f"{coder}, {loop} loop")
-    ax.set_xlabel("frame index (0 = the given I-frame)")
-    ax.set_ylabel("mean |reconstruction - frame|  (pixels in [-1, 1])")
+    for curve, style in lines:
+        ax.plot(range(len(curve)), curve, marker=".", **style)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_curves(curves: dict[str, list[float]], path: Path, title: str) -> None:
+    """The codec-loop curves ("<coder>/<loop>"): one colour per coder, solid for the closed loop."""
+    colors: dict[str, str] = {}
+    lines = []
+    for key, curve in curves.items():
+        coder, loop = key.rsplit("/", 1)
+        color = colors.setdefault(coder, f"C{len(colors)}")
+        lines.append((curve, {"color": color, "linestyle": "-" if loop == "closed" else "--",
+                              "label": f"{coder}, {loop} loop"}))
+    _plot_lines(lines, path, title, "frame index (0 = the given I-frame)",
+                "mean |reconstruction - frame|  (pixels in [-1, 1])")
 
 
 # --- PVDM: the cost of the clip length ----------------------------------------------------------
@@ -622,11 +645,7 @@ def flicker(opts: dict, overrides: list[str]) -> dict:
     from evaluation.detectors import load_detector
     from evaluation.sanity import frame_motion
 
-    if "run_dir" not in opts:
-        raise SystemExit("error: flicker needs run_dir= (a trained benchmarks.run folder)")
-    if overrides:
-        raise SystemExit(f"error: flicker takes run_dir, n, guidance, steps, seed, out; got {overrides}")
-    cfg, dm, method = _load_run(opts["run_dir"])
+    cfg, dm, method = _trained_run(opts, overrides, "flicker", "run_dir, n, guidance, steps, seed, out")
     n, seed = int(opts.get("n", 32)), int(opts.get("seed", cfg.seed))
     real = val_motion(dm, n)  # the first n val clips, as every run's sample_check
     if not real:
@@ -672,37 +691,12 @@ def follow_errors(videos: Tensor, real: Tensor) -> dict[str, list[float]]:
     return out
 
 
-def _plot_follow(curves: dict[str, list[float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for key, curve in curves.items():
-        ax.plot(range(len(curve)), curve, marker=".", label=key)
-    ax.set_xlabel("frame index (0 = the given first frame)")
-    ax.set_ylabel("mean |video - real clip|  (pixels in [-1, 1])")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def i2v_follow(opts: dict, overrides: list[str]) -> dict:
     """Per-frame error of n image-to-video samples against the real clips they were conditioned on."""
     from benchmarks.run import sample_videos
     from evaluation.detectors import load_detector
 
-    if "run_dir" not in opts:
-        raise SystemExit("error: i2v-follow needs run_dir= (a trained image-to-video run: method=dvdm or edvdm)")
-    if overrides:
-        raise SystemExit(f"error: i2v-follow takes run_dir, n, seed, out; got {overrides}")
-    cfg, dm, method = _load_run(opts["run_dir"])
-    if not method.image_to_video:
-        raise SystemExit(f"error: i2v-follow needs an image-to-video run (method=dvdm or edvdm), not {cfg.method.name}")
+    cfg, dm, method = _trained_run(opts, overrides, "i2v-follow", "run_dir, n, seed, out", image_to_video=True)
     n, seed = int(opts.get("n", 64)), int(opts.get("seed", cfg.seed))
     if n < 2:
         raise SystemExit(f"error: i2v-follow needs n >= 2 (the `another clip` reference pairs video i with clip i+1), "
@@ -725,8 +719,9 @@ def i2v_follow(opts: dict, overrides: list[str]) -> dict:
         print(f"{k:>17}: mean |video - real clip| {s['frames_1_3']:.4f} over frames 1-3, {s['all_frames']:.4f} over all")
     out = Path(opts.get("out", DEFAULT_OUT))
     _write_json(out, f"{cfg.method.name}_follow.json", report)
-    _plot_follow(curves, out / f"{cfg.method.name}_follow.png",
-                 f"{cfg.method.name}: n={n} samples vs the val clips whose first frame and class they were given")
+    _plot_lines([(c, {"label": k}) for k, c in curves.items()], out / f"{cfg.method.name}_follow.png",
+                f"{cfg.method.name}: n={n} samples vs the val clips whose first frame and class they were given",
+                "frame index (0 = the given first frame)", "mean |video - real clip|  (pixels in [-1, 1])")
     return report
 
 
