@@ -78,6 +78,8 @@ def validate_config(cfg: DictConfig) -> None:
     for at in DIFFUSION_CONFIGS:  # every diffusion config a method has
         gamma = OmegaConf.select(cfg, f"{at}.min_snr_gamma")
         need(gamma is None or gamma >= 0, f"{at}.min_snr_gamma", gamma, ">= 0 (0: the plain loss)")
+        shift = OmegaConf.select(cfg, f"{at}.snr_shift")
+        need(shift is None or shift > 0, f"{at}.snr_shift", shift, "> 0 (1: the schedule as named; 2: SNR / 4)")
     for at in UNET_CONFIGS:  # every lean UNet a method has
         unet = OmegaConf.select(cfg, at)
         levels = list(unet.get("temporal_attention") or []) if unet is not None else []

@@ -30,7 +30,7 @@ from methods.base import Conditioning, DataSpec, VideoBatch, VideoGenerator
 from methods.image_prior import ImagePrior, ImagePriorConfig, image_prior_cache_key, random_frames, repeat_conditioning
 from methods.nets.embed import ConditionEmbedder, TextEncoderConfig, TimestepEmbedder, trainable
 from methods.nets.transformer import DiT, DiTConfig, DiTFinalLayer, SpaceTimeTransformer, sincos_2d
-from methods.vdm import DiffusionConfig, run_sampler
+from methods.vdm import DiffusionConfig, diffusion_schedule, run_sampler
 
 ALL_STAGES = ("image_prior", "autoencoder", "content", "motion")
 
@@ -334,9 +334,7 @@ class CMD(VideoGenerator):
         self.autoencoder_loss = AutoencoderLoss(cfg.autoencoder.loss, channels,
                                                 (data.frames, *self.content.image_shape[1:]), space=cfg.space)
         self.motion = MotionDenoiser(cfg.motion, cfg.autoencoder.motion_dim, channels, data.num_classes)
-        self.register_buffer("motion_alpha_bar", D.alpha_bar_schedule(cfg.motion.diffusion.schedule,
-                                                                      cfg.motion.diffusion.num_timesteps),
-                             persistent=False)
+        self.register_buffer("motion_alpha_bar", diffusion_schedule(cfg.motion.diffusion), persistent=False)
 
     # --- stages --------------------------------------------------------------------------------
 

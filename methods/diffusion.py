@@ -66,9 +66,23 @@ def scaled_linear_betas(beta_start: float, beta_end: float, num_timesteps: int) 
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
 
 
-def alpha_bar_schedule(name: str, num_timesteps: int = 1000) -> Tensor:
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s), (T,) float64."""
-    return torch.cumprod(1 - beta_schedule(name, num_timesteps), dim=0)
+def alpha_bar_schedule(name: str, num_timesteps: int = 1000, snr_shift: float = 1.0) -> Tensor:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), (T,) float64; with `snr_shift` != 1, shifted by `shift_snr`."""
+    alpha_bar = torch.cumprod(1 - beta_schedule(name, num_timesteps), dim=0)
+    return alpha_bar if snr_shift == 1 else shift_snr(alpha_bar, snr_shift)
+
+
+def shift_snr(alpha_bar: Tensor, shift: float) -> Tensor:
+    """The schedule with every signal-to-noise ratio divided by shift^2: SNR'(t) = SNR(t) / shift^2.
+
+    SNR = alpha_bar / (1 - alpha_bar), so alpha_bar' = alpha_bar / (alpha_bar + shift^2 (1 - alpha_bar)).
+    Hoogeboom et al. 2023 (simple diffusion, sec. 3.1) shift the cosine schedule this way for larger inputs:
+    neighbouring values are redundant, so a given SNR destroys less of the structure and the global layout
+    is settled in a few high-noise steps; shift > 1 spends more of training and sampling at more noise.
+    """
+    if shift <= 0:
+        raise ValueError(f"snr_shift must be > 0 (1: the schedule as named), got {shift}")
+    return alpha_bar / (alpha_bar + shift**2 * (1 - alpha_bar))
 
 
 def _gather(alpha_bar: Tensor, t: Tensor, like: Tensor) -> Tensor:

@@ -59,7 +59,7 @@ from methods.base import Conditioning, DataSpec, VideoBatch, VideoGenerator
 from methods.nets.cond_denoiser import CondDenoiser
 from methods.nets.embed import TextEncoderConfig
 from methods.nets.unet import UNet, UNetConfig
-from methods.vdm import DiffusionConfig, run_sampler
+from methods.vdm import DiffusionConfig, diffusion_schedule, run_sampler
 
 MV_CHANNELS = 2  # (dy, dx)
 
@@ -158,8 +158,7 @@ class FirstFrameDiffusion(VideoGenerator):
         self.encoder = FirstFrameEncoder(cfg.first_frame_encoder, data.channels, cfg.first_frame_width, factor)
         backbone = UNet(target_shape[0] + self.encoder.out_channels, target_shape[0], cfg.unet, temporal=True)
         self.denoiser = CondDenoiser(backbone, backbone.emb_dim, cfg.conditioning, data.num_classes, cfg.text)
-        self.register_buffer("alpha_bar", D.alpha_bar_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps),
-                             persistent=False)
+        self.register_buffer("alpha_bar", diffusion_schedule(cfg.diffusion), persistent=False)
 
     def denoiser_parameters(self) -> list[nn.Parameter]:
         """The denoiser and the first-frame encoder: trained jointly."""

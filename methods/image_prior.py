@@ -31,7 +31,7 @@ from methods.nets.cond_denoiser import CondDenoiser
 from methods.nets.embed import TextEncoderConfig, trainable
 from methods.nets.sd import PromptDenoiser, PromptEncoder, has_prompt_encoder, read_schedule
 from methods.nets.unet import UNet, UNetConfig
-from methods.vdm import DiffusionConfig, run_sampler
+from methods.vdm import DiffusionConfig, diffusion_schedule, run_sampler
 
 
 @dataclass
@@ -185,9 +185,9 @@ class ImagePrior(nn.Module):
             self.schedule = {"source": "folder", **folder.source}
         else:
             d = cfg.diffusion
-            alpha_bar, self.objective = D.alpha_bar_schedule(d.schedule, d.num_timesteps), d.objective
+            alpha_bar, self.objective = diffusion_schedule(d), d.objective
             self.schedule = {"source": "config", "schedule": d.schedule, "num_timesteps": d.num_timesteps,
-                             "objective": d.objective}
+                             "objective": d.objective, **({"snr_shift": d.snr_shift} if d.snr_shift != 1 else {})}
         self.register_buffer("alpha_bar", alpha_bar, persistent=False)
 
     def _uses_prompts(self) -> bool:

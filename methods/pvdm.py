@@ -41,7 +41,7 @@ from methods.nets.embed import TextEncoderConfig
 from methods.nets.transformer import SpaceTimeTransformer
 from methods.nets.triplane import PLANES, AxisSummary, Triplane, TriplaneUNet
 from methods.nets.unet import UNetConfig
-from methods.vdm import DiffusionConfig, run_sampler
+from methods.vdm import DiffusionConfig, diffusion_schedule, run_sampler
 
 CLIP_WINDOWS = ("first", "random")
 
@@ -170,8 +170,7 @@ class PVDM(VideoGenerator):
         self.autoencoder_loss = AutoencoderLoss(cfg.autoencoder.loss, data.channels, (T, data.height, data.width))
         backbone = TriplaneUNet(2 * c, c, cfg.unet, self.layout, cfg.cross_attention)  # input [z_t, z_prev]
         self.denoiser = CondDenoiser(backbone, backbone.emb_dim, cfg.conditioning, data.num_classes, cfg.text)
-        self.register_buffer("alpha_bar", D.alpha_bar_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps),
-                             persistent=False)
+        self.register_buffer("alpha_bar", diffusion_schedule(cfg.diffusion), persistent=False)
 
     @staticmethod
     def training_frames(cfg: PVDMConfig, frames: int) -> int:

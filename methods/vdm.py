@@ -27,6 +27,12 @@ class DiffusionConfig:
     sampler: str = "ddim"  # ddim | ddpm | dpmpp2m (DPM-Solver++(2M): deterministic, DDIM's trajectory in fewer steps)
     cond_drop_prob: float = 0.1  # CFG training: condition dropped with this probability
     min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weighting (methods.diffusion.min_snr_weight); 0: the plain loss
+    snr_shift: float = 1.0  # > 1: every SNR of the schedule divided by its square (methods.diffusion.shift_snr)
+
+
+def diffusion_schedule(d: DiffusionConfig) -> Tensor:
+    """alpha_bar (T,) float64 of a diffusion config: its named schedule, shifted by its `snr_shift`."""
+    return D.alpha_bar_schedule(d.schedule, d.num_timesteps, d.snr_shift)
 
 
 @dataclass
@@ -76,8 +82,7 @@ class VDM(VideoGenerator):
         else:
             raise ValueError(f"method.backbone must be 'lean' or 'diffusers', got {cfg.backbone!r}")
         self.denoiser = CondDenoiser(backbone, backbone.emb_dim, cfg.conditioning, data.num_classes, cfg.text)
-        self.register_buffer("alpha_bar", D.alpha_bar_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps),
-                             persistent=False)
+        self.register_buffer("alpha_bar", diffusion_schedule(cfg.diffusion), persistent=False)
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         self.check_stage(stage)

@@ -13,6 +13,25 @@ def test_schedules_are_decreasing_and_in_range(name):
     assert (ab[1:] < ab[:-1]).all() and 0 < ab[-1] < ab[0] < 1
 
 
+@pytest.mark.parametrize("shift", [0.5, 2.0, 4.0])
+def test_snr_shift_divides_every_snr_by_its_square(shift):
+    ab = D.alpha_bar_schedule("cosine")
+    shifted = D.alpha_bar_schedule("cosine", snr_shift=shift)
+    snr = lambda a: a / (1 - a)  # noqa: E731
+    assert torch.allclose(snr(shifted), snr(ab) / shift**2, rtol=1e-10)
+    assert (shifted[1:] < shifted[:-1]).all() and 0 < shifted[-1] < shifted[0] < 1
+    assert ((shifted < ab) if shift > 1 else (shifted > ab)).all()  # more noise at every t for shift > 1
+    assert torch.equal(D.alpha_bar_schedule("cosine", snr_shift=1.0), ab)
+    with pytest.raises(ValueError, match="snr_shift"):
+        D.shift_snr(ab, 0.0)
+
+
+def test_snr_shift_reaches_the_model_schedule():
+    from methods.vdm import DiffusionConfig, diffusion_schedule
+    d = DiffusionConfig(schedule="cosine", snr_shift=2.0)
+    assert torch.equal(diffusion_schedule(d), D.shift_snr(D.alpha_bar_schedule("cosine"), 2.0))
+
+
 def test_ldm_linear_endpoints():
     betas = D.beta_schedule("ldm_linear")
     assert betas[0].item() == pytest.approx(0.0015) and betas[-1].item() == pytest.approx(0.0195)

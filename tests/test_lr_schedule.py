@@ -83,6 +83,10 @@ def test_keys_added_later_leave_every_config_hash_as_it_was_at_their_default(met
     assert config_hash(load_config([f"method={method}", "scale=test", f"{gamma}=5"])) != config_hash(cfg)
     with pytest.raises(ConfigError, match="min_snr_gamma"):
         validate_config(load_config([f"method={method}", "scale=test", f"{gamma}=-1"]))
+    shift = next(k for k in present if k.endswith("snr_shift"))
+    assert config_hash(load_config([f"method={method}", "scale=test", f"{shift}=2"])) != config_hash(cfg)
+    with pytest.raises(ConfigError, match="snr_shift"):
+        validate_config(load_config([f"method={method}", "scale=test", f"{shift}=0"]))
 
 
 class _Scalar(VideoGenerator):
