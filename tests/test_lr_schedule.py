@@ -9,10 +9,11 @@ import time
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from benchmarks.config import config_hash, load_config, to_container, without_keys
-from benchmarks.config_keys import ABSENT_AT_DEFAULT
+from benchmarks.config_keys import ABSENT_AT_DEFAULT, DIFFUSION_CONFIGS
 from benchmarks.preflight import ConfigError, validate_config
 from datamodules.base import LoaderConfig, VideoDataModule
 from datamodules.shapes import ShapesConfig
@@ -87,6 +88,31 @@ def test_keys_added_later_leave_every_config_hash_as_it_was_at_their_default(met
     assert config_hash(load_config([f"method={method}", "scale=test", f"{shift}=2"])) != config_hash(cfg)
     with pytest.raises(ConfigError, match="snr_shift"):
         validate_config(load_config([f"method={method}", "scale=test", f"{shift}=0"]))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_snr_shift_reaches_every_schedule_a_method_builds(method):
+    """Each diffusion config's snr_shift changes exactly the schedule built from it (every call site passes it on)."""
+    from benchmarks.common import build_datamodule, build_method, data_spec
+    from methods import diffusion as D
+    from methods.vdm import diffusion_schedule
+
+    base = load_config([f"method={method}", "scale=test"])
+    at = [k for k in DIFFUSION_CONFIGS if OmegaConf.select(base, k) is not None]
+    assert at, f"{method}: none of {DIFFUSION_CONFIGS} in its config"
+
+    def schedules(cfg):
+        m = build_method(cfg, data_spec(cfg, build_datamodule(cfg)))
+        return {n: b.clone() for n, b in m.named_buffers() if n.endswith("alpha_bar")}
+
+    before = schedules(base)
+    for key in at:
+        after = schedules(load_config([f"method={method}", "scale=test", f"{key}.snr_shift=2"]))
+        changed = {n for n in before if not torch.equal(before[n], after[n])}
+        assert changed, f"{key}.snr_shift=2 changed none of {sorted(before)}"
+        named = diffusion_schedule(OmegaConf.select(base, key))  # the unshifted schedule the config names
+        for n in changed:
+            assert torch.allclose(after[n], D.shift_snr(before[n], 2.0)) and torch.equal(before[n], named)
 
 
 class _Scalar(VideoGenerator):
