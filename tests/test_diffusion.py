@@ -26,12 +26,6 @@ def test_snr_shift_divides_every_snr_by_its_square(shift):
         D.shift_snr(ab, 0.0)
 
 
-def test_snr_shift_reaches_the_model_schedule():
-    from methods.vdm import DiffusionConfig, diffusion_schedule
-    d = DiffusionConfig(schedule="cosine", snr_shift=2.0)
-    assert torch.equal(diffusion_schedule(d), D.shift_snr(D.alpha_bar_schedule("cosine"), 2.0))
-
-
 def test_ldm_linear_endpoints():
     betas = D.beta_schedule("ldm_linear")
     assert betas[0].item() == pytest.approx(0.0015) and betas[-1].item() == pytest.approx(0.0195)
