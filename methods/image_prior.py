@@ -187,7 +187,7 @@ class ImagePrior(nn.Module):
             d = cfg.diffusion
             alpha_bar, self.objective = diffusion_schedule(d), d.objective
             self.schedule = {"source": "config", "schedule": d.schedule, "num_timesteps": d.num_timesteps,
-                             "objective": d.objective, **({"snr_shift": d.snr_shift} if d.snr_shift != 1 else {})}
+                             "objective": d.objective, "snr_shift": d.snr_shift}
         self.register_buffer("alpha_bar", alpha_bar, persistent=False)
 
     def _uses_prompts(self) -> bool:
