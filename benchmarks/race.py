@@ -642,6 +642,14 @@ def _metric_cols(lines: list[Line]) -> list[str]:
     return [m for m in METRICS if any(ln.stat(m) is not None for ln in lines)]
 
 
+def _seconds_cell(stat: tuple[float, float, int] | None) -> str:
+    """Measured training seconds as whole seconds (1308, not 1.31e+03), with the std over seeds."""
+    if stat is None:
+        return ""
+    mean, std, n = stat
+    return f"{mean:.0f} ± {std:.2g}" if n > 1 else f"{mean:.0f}"
+
+
 def to_markdown(race: Race, lines: list[Line]) -> str:
     """race.md: one table per task; the budget check, the protocol and what differs below."""
     out = [f"## Race `{race.name}`: equal training budgets", "",
@@ -663,7 +671,7 @@ def to_markdown(race: Race, lines: list[Line]) -> str:
         for ln in group:
             seeds = len({r.get("seed") for r in ln.rows}) if ln.rows else 0
             cells = [ln.label, "-" if ln.reference else _budget_text(ln.budget), "-" if ln.reference else str(seeds),
-                     lb._fmt(ln.stat("train_seconds"), 3) if not ln.reference else "-", ln.budget_cell()]
+                     _seconds_cell(ln.stat("train_seconds")) if not ln.reference else "-", ln.budget_cell()]
             cells += [lb._fmt(ln.stat(m)) for m in metrics]
             cells += [lb._fmt(ln.stat("sample_seconds_per_video"), 3), ln.time_to, ln.status()]
             out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
@@ -759,23 +767,27 @@ def plot_per_class(lines: list[Line], budget: float):
 
 
 def machines_note(rows: list[dict]) -> str:
-    """Which machines made the rows, each with its bf16 matmul probe range: a wall-clock budget means
-    something only for one kind of machine."""
-    kinds: dict[tuple, list[float]] = {}
+    """Which machines made the rows, each with the matmul probe range of the precision it trained in (bf16
+    where it has bf16 units, else fp32): a wall-clock budget means something only for one kind of machine."""
+    kinds: dict[tuple, list[dict]] = {}
     for r in rows:
-        note = r.get("machine") or {}
-        probe = note.get("bf16_matmul_gflops", r.get("bf16_matmul_gflops"))
-        kinds.setdefault(machine_kind(note) or ("unknown",), []).extend([probe] if isinstance(probe, int | float) else [])
+        kinds.setdefault(machine_kind(r.get("machine")) or ("unknown",), []).append(r)
     if not kinds:
         return "Machine: no finished run yet."
     parts = []
-    for kind, probes in kinds.items():
-        name = (f"{kind[0]}, {kind[1]} cores, " + ("bf16 units" if kind[2] else "no bf16 units")) if len(kind) == 3 \
+    for kind, mine in kinds.items():
+        known = len(kind) == 3
+        name = (f"{kind[0]}, {kind[1]} cores, " + ("bf16 units" if kind[2] else "no bf16 units")) if known \
             else "not recorded"
-        n = sum(1 for r in rows if (machine_kind(r.get("machine")) or ("unknown",)) == kind)
+        precision = "fp32" if known and kind[2] is False else "bf16"
+        probes = []
+        for r in mine:
+            note = r.get("machine") or {}
+            probe = note.get(f"{precision}_matmul_gflops", r.get(f"{precision}_matmul_gflops"))
+            probes += [probe] if isinstance(probe, int | float) else []
         span = f"{min(probes):.0f}-{max(probes):.0f}" if probes and min(probes) != max(probes) else \
             f"{probes[0]:.0f}" if probes else "?"
-        parts.append(f"{name} ({n} runs; bf16 matmul probe {span} GFLOP/s)")
+        parts.append(f"{name} ({len(mine)} runs; {precision} matmul probe {span} GFLOP/s)")
     head = "Machine: " if len(parts) == 1 else "**Machines (mixed: the budgets are not comparable across them)**: "
     return head + "; ".join(parts) + "."
 

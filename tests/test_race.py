@@ -261,3 +261,14 @@ def test_race_md_names_the_machines_that_made_its_rows():
                                              "bf16_matmul_gflops": 900.0}}])
     assert mixed.startswith("**Machines (mixed") and "Intel Xeon" in mixed and "AMD EPYC" in mixed
     assert race.machines_note([]) == "Machine: no finished run yet."
+    # without bf16 units the runs train in fp32 (precision=auto): the note gives the fp32 probe, not the bf16 one
+    avx2 = {"cpu_model": "AMD EPYC", "cpus": 2, "fast_bf16": False, "bf16_matmul_gflops": 1.3}
+    fp32 = race.machines_note([{"machine": {**avx2, "fp32_matmul_gflops": 172.0}},
+                               {"machine": {**avx2, "fp32_matmul_gflops": 184.6}}])
+    assert fp32 == "Machine: AMD EPYC, 2 cores, no bf16 units (2 runs; fp32 matmul probe 172-185 GFLOP/s)."
+
+
+def test_race_md_gives_training_seconds_as_whole_seconds():
+    assert race._seconds_cell((1308.016, 0.0, 1)) == "1308"
+    assert race._seconds_cell((1307.5, 0.62, 2)) == "1308 ± 0.62"
+    assert race._seconds_cell(None) == ""
