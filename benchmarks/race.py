@@ -644,10 +644,7 @@ def _metric_cols(lines: list[Line]) -> list[str]:
 
 def _seconds_cell(stat: tuple[float, float, int] | None) -> str:
     """Measured training seconds as whole seconds (1308, not 1.31e+03), with the std over seeds."""
-    if stat is None:
-        return ""
-    mean, std, n = stat
-    return f"{mean:.0f} ± {std:.2g}" if n > 1 else f"{mean:.0f}"
+    return lb._fmt(stat and (round(stat[0]), *stat[1:]), digits=6)
 
 
 def to_markdown(race: Race, lines: list[Line]) -> str:
