@@ -15,6 +15,15 @@ from methods.base import Conditioning, DataSpec, VideoGenerator
 REPO = Path(__file__).resolve().parent.parent
 
 
+def chosen_methods(names: list[str] | None) -> list[str]:
+    """A benchmark's `methods=a,b` (None: every registered method), refused with the registered names if unknown."""
+    methods = names or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}; registered: {', '.join(METHODS)}")
+    return methods
+
+
 def build_datamodule(cfg: DictConfig) -> VideoDataModule:
     loader = LoaderConfig(**cfg.data) if not isinstance(cfg.data, LoaderConfig) else cfg.data
     # a method that trains on longer items than it is evaluated on says how long (PVDM: previous clip + clip)
@@ -38,6 +47,10 @@ def build_method(cfg: DictConfig, spec: DataSpec) -> VideoGenerator:
     method_cfg = OmegaConf.to_object(cfg.method)  # the method's own dataclass, fully typed
     method = cls(method_cfg, spec)
     trainer = cfg.get("trainer") or {}
+    if trainer.get("allocator", "default") != "default":
+        from methods.speed import tune_allocator
+
+        tune_allocator(trainer.get("allocator"))
     if trainer.get("channels_last"):
         from methods.speed import to_channels_last
 

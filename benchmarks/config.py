@@ -63,6 +63,9 @@ class TrainerConfig:
     compile: bool = False
     channels_last: bool = False
     attention: str = "auto"
+    # default (glibc's malloc as it starts) | reuse (it keeps large freed blocks: methods.speed.tune_allocator;
+    # bit-identical results; measured per method and part by benchmarks.allocator)
+    allocator: str = "default"
 
 
 @dataclass
@@ -235,12 +238,14 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
                           f"its stages are {list(METHODS[method].stages)}")
     if cfg.trainer.precision == "auto":
         cfg.trainer.precision = resolve_precision(cfg.trainer.accelerator)
-    from methods.speed import ATTENTION_KERNELS
+    from methods.speed import ALLOCATORS, ATTENTION_KERNELS
 
-    if cfg.trainer.attention not in ATTENTION_KERNELS:
-        near = difflib.get_close_matches(str(cfg.trainer.attention), ATTENTION_KERNELS, n=1, cutoff=0.5)
-        raise ConfigError(f"unknown trainer.attention {cfg.trainer.attention!r}; "
-                          + (f"did you mean {near[0]!r}? " if near else "") + f"choose one of: {', '.join(ATTENTION_KERNELS)}")
+    for key, choices in (("attention", ATTENTION_KERNELS), ("allocator", ALLOCATORS)):
+        value = cfg.trainer[key]
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+            raise ConfigError(f"unknown trainer.{key} {value!r}; "
+                              + (f"did you mean {near[0]!r}? " if near else "") + f"choose one of: {', '.join(choices)}")
     return cfg
 
 

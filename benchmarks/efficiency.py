@@ -1442,7 +1442,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         res = time_setting(preset, name, device, repeats=opts["repeats"], train=train)
         path.write_text(json.dumps(res["rows"], default=str))
         return []
-    from methods import METHODS
 
     opts, rest = _parse(argv)
     if opts["preset"]:
@@ -1453,10 +1452,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if opts["timing"] == "on":  # seconds on this machine's accelerator; otherwise FLOPs on meta
             return paper_timing_main(opts)
         return paper_settings_main(opts)
-    methods = opts["methods"] or list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown}; registered: {', '.join(METHODS)}")
+    from benchmarks.common import chosen_methods
+
+    methods = chosen_methods(opts["methods"])
     methods = sorted(methods, key=lambda m: m != BASELINE)  # the baseline first
     argv = argv + matched_shape(methods[0], rest)
     results = []

@@ -152,6 +152,20 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> N
     atomic_write_bytes(path, text.encode(encoding))
 
 
+def atomic_write_csv(path: str | Path, rows: list[dict], columns: tuple | list | None = None) -> None:
+    """`rows` as CSV, whole or not at all. columns: these first, in this order (keys outside them are left
+    out); None: every key of every row, in the order first seen."""
+    import csv
+    import io
+
+    fields = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
 def atomic_torch_save(obj, path: str | Path) -> None:
     """`torch.save(obj, path)` whole or not at all (temp file, fsync, os.replace); ENOSPC says where."""
     import torch

@@ -28,8 +28,6 @@ Outputs in out/: speedups.csv, machine.json; the table is printed as Markdown.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import statistics
@@ -303,13 +301,9 @@ def markdown(rows: list[dict], note: dict) -> str:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    from benchmarks.results import atomic_write_text
+    from benchmarks.results import atomic_write_csv
 
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -319,16 +313,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     from tqdm.auto import tqdm
 
+    from benchmarks.common import chosen_methods
     from benchmarks.config import ConfigError, load_config
     from benchmarks.machine import machine_note
     from benchmarks.results import atomic_write_text
     from methods import METHODS
 
     opts, rest = _parse(argv)
-    methods = opts["methods"] or list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown}; registered: {', '.join(METHODS)}")
+    methods = chosen_methods(opts["methods"])
     try:  # a bad option or override fails here, before anything is measured
         for o in opts["options"]:
             load_config([f"method={methods[0]}", *rest, option_override(o)])

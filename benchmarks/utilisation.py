@@ -38,7 +38,6 @@ printed as Markdown.
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 import sys
@@ -104,15 +103,31 @@ def _optimizer(method, stage: str, settings: dict, weight_decay: float):
                              weight_decay=weight_decay)
 
 
-def train_flops(method, stage: str, batch, cfg, device) -> int:
-    """FLOPs of one forward + backward of `method.loss(stage, batch)` (a real step; gradients left in place)."""
+def train_flops(method, stage: str, batch, cfg, device) -> int | None:
+    """FLOPs of one forward + backward of `method.loss(stage, batch)` (a real step; gradients left in place).
+
+    None where the loss cannot be counted: it calls autograd.grad (PVDM's autoencoder with its PatchGAN).
+    """
     from benchmarks.efficiency import _autocast, count_flops
 
-    with count_flops() as (counter, _):
+    def step() -> None:
         with _autocast(cfg, device):
             loss = method.loss(stage, batch.to(device))["loss"]
         loss.backward()
-    return counter.get_total_flops()
+
+    try:
+        with count_flops() as (counter, _):
+            step()
+        return counter.get_total_flops()
+    except RuntimeError as e:
+        # torch's FLOP counter tracks modules with backward hooks, which autograd.grad refuses (a loss that
+        # takes a gradient inside, as the adaptive weight of a GAN loss does): the step runs uncounted
+        if "autograd.grad" not in str(e):
+            raise
+        for p in method.parameters():
+            p.grad = None
+        step()
+        return None
 
 
 def profile_split(fn) -> dict:
@@ -231,9 +246,10 @@ def measure_training(method, stage: str, cfg, dm, device, steps: int, profile: b
                 f"compute_seconds{suffix}": statistics.median(computes),
                 f"data_seconds{suffix}": statistics.median(waits), f"data_share{suffix}": sum(waits) / sum(totals)}
 
-    row = {"part": f"train:{stage}", "kind": "train", "stage": stage, "batch_size": bs, "gflops": flops / 1e9,
-           **summary(*timed["after"]), "repeats": steps,
-           "params": method.num_parameters(stage), "flops_method": "real step, counted"}
+    row = {"part": f"train:{stage}", "kind": "train", "stage": stage, "batch_size": bs,
+           "gflops": None if flops is None else flops / 1e9, **summary(*timed["after"]), "repeats": steps,
+           "params": method.num_parameters(stage),
+           "flops_method": "real step, counted" if flops is not None else "not counted: the loss calls autograd.grad"}
     if data_ab:
         row.update(summary(*timed["before"], "_before"))
     if profile:
@@ -277,22 +293,34 @@ def measure_sampling(method, build, cfg, dm, device, n: int, profile: bool = Fal
 
     def call(steps: int, seed: int = 0):
         with torch.no_grad(), _autocast(cfg, device):
-            method.sample(n, cond, steps=steps, generator=g.manual_seed(seed), **kw)
+            return method.sample(n, cond, steps=steps, generator=g.manual_seed(seed), **kw)
 
     call(1)  # warm-up
     _sync(device)
     t0 = time.perf_counter()
-    call(cfg.sample.steps)
+    videos = call(cfg.sample.steps)
     _sync(device)
     seconds = time.perf_counter() - t0
     row = {"part": "sample", "kind": "sample", "stage": "", "batch_size": n, "gflops": flops / 1e9,
            "seconds": seconds, "best_seconds": seconds, "compute_seconds": seconds, "data_seconds": 0.0,
            "data_share": None, "repeats": 1,
            "params": method.num_parameters(), "flops_method": how, "sample_steps": cfg.sample.steps,
-           "guidance": cfg.sample.guidance}
+           "guidance": cfg.sample.guidance, "sample_sha256": tensor_sha256(videos)}
     if profile:
         row.update(profile_split(lambda: call(cfg.sample.steps, 1)))
     return row
+
+
+def tensor_sha256(x) -> str:
+    """Digest of a tensor's values (dtype, shape and bytes): equal digests, bit-identical samples."""
+    import hashlib
+
+    import torch
+
+    x = x.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{x.dtype} {tuple(x.shape)}".encode())
+    h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def method_parts(name: str, overrides: list[str], sample: bool = True) -> list[str]:
@@ -346,6 +374,10 @@ def with_fractions(rows: list[dict], peak: dict) -> list[dict]:
         if "error" in r:
             continue
         p = peak[r["peak_kind"]]
+        if r["gflops"] is None:  # not counted: times only
+            r.update(gflops_per_s=None, compute_gflops_per_s=None, peak_gflops_per_s=p, fraction_of_peak=None,
+                     best_fraction=None, compute_fraction=None)
+            continue
         r["gflops_per_s"] = r["gflops"] / r["seconds"] if r["seconds"] else None
         r["compute_gflops_per_s"] = r["gflops"] / r["compute_seconds"] if r["compute_seconds"] else None
         r["peak_gflops_per_s"] = p
@@ -405,11 +437,10 @@ def markdown(rows: list[dict], note: dict) -> str:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
+    from benchmarks.results import atomic_write_csv
+
     extra = [k for r in rows for k in r if k not in COLUMNS]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys([*COLUMNS, *extra])), extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    atomic_write_csv(path, rows, list(dict.fromkeys([*COLUMNS, *extra])))
 
 
 def bar_chart(rows: list[dict], note: dict, path: Path) -> Path:
@@ -483,13 +514,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return []
-    from methods import METHODS
+    from benchmarks.common import chosen_methods
 
     opts, rest = _parse(argv)
-    methods = opts["methods"] or list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown}; registered: {', '.join(METHODS)}")
+    methods = chosen_methods(opts["methods"])
     t0 = time.perf_counter()
     rows, note = run(methods, rest, opts["steps"], opts["sample_batch"], opts["sample"], opts["profile"],
                      data_ab=opts["data_ab"], probe_seconds=opts["probe_seconds"])

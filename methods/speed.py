@@ -10,10 +10,19 @@
 - `attention_kernel(kind)`: the kernel of `methods.nets.transformer.Attention` on CPU: `math` (the plain
   softmax(QK^T)V, the measured default for the short sequences of the tiny presets), `fused`
   (`scaled_dot_product_attention`, which picks PyTorch's flash kernel on CPU) or `auto` (fused on
-  CUDA, math on CPU). The UNets' `nn.MultiheadAttention` always uses the fused kernel.
+  CUDA, and on CPU wherever no gradient is recorded: sampling, frozen encoders; math when training on
+  CPU, whose backward the fused kernel's loses). The UNets' `nn.MultiheadAttention` always uses the fused kernel.
+- `tune_allocator("reuse")`: glibc's malloc keeps freed memory instead of returning it to the kernel (an
+  mmap threshold and a trim threshold of 1 GiB, where glibc's default mmaps every block over 32 MiB and
+  trims the heap's top past 128 KiB-32 MiB): without it, every large activation is a fresh mapping whose
+  pages fault in on first touch (a `mul` of two 32 MiB tensors took 7x as long for it on a 2-core EPYC;
+  whole training steps and samplers gain less, some lose). Process-wide; nothing computes differently
+  (bit-identical results).
 
 benchmarks.speedups measures each against the default per method and stage, compile time included;
-`trainer.compile`, `trainer.channels_last` and `trainer.attention` switch them on in a run.
+`trainer.compile`, `trainer.channels_last` and `trainer.attention` switch them on in a run;
+`trainer.allocator=reuse` (off by default: it won on some parts and lost on others, CMD's training among
+the latter) is measured by benchmarks.allocator, in paired processes.
 """
 
 from __future__ import annotations
@@ -25,6 +34,37 @@ import torch
 from torch import nn
 
 ATTENTION_KERNELS = ("auto", "math", "fused")
+ALLOCATORS = ("default", "reuse")  # default: glibc's malloc as it starts; reuse: it keeps freed memory (tune_allocator)
+ALLOCATOR_THRESHOLD = 1 << 30  # bytes: blocks below it come from the heap, and up to it stays mapped when freed
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc's malloc.h)
+_ALLOCATOR_STATE: dict = {}
+
+
+def tune_allocator(kind: str = "reuse") -> dict:
+    """Sets this process's malloc so that large freed blocks are reused, not unmapped; returns what it did.
+
+    kind "reuse": on glibc (Linux), `mallopt` raises the mmap threshold and the trim threshold to
+    ALLOCATOR_THRESHOLD (a glibc that refuses that much gets the largest value it takes, 32 MiB);
+    elsewhere (macOS, musl) nothing is changed and the result says so. "default": nothing is changed.
+    Process-wide and idempotent; DataLoader workers started by fork inherit it. Numerics are unchanged:
+    the same kernels run on the same values, only the memory behind the tensors comes from elsewhere.
+    """
+    if kind not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {kind!r}; choose one of {', '.join(ALLOCATORS)}")
+    if kind == "default" or _ALLOCATOR_STATE:  # what this process has: a setting cannot be taken back
+        return dict(_ALLOCATOR_STATE) or {"allocator": "default"}
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return {"allocator": "default", "why": "no mallopt in this C library (glibc only)"}
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    for threshold in (ALLOCATOR_THRESHOLD, 32 << 20):
+        if mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, threshold) == 1:
+            _ALLOCATOR_STATE.update(allocator="glibc mallopt", threshold_bytes=threshold)
+            return dict(_ALLOCATOR_STATE)
+    return {"allocator": "default", "why": "mallopt refused the thresholds"}
 
 
 def set_attention_kernel(kind: str) -> str:

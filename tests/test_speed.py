@@ -209,3 +209,108 @@ def test_probe_size_shrinks_where_one_product_would_not_fit(monkeypatch):
     assert size(1e-3, 1.0) == 1024  # 512^2: 8 ms, 1024^2: 64 ms, 2048^2: 0.5 s > 1 s / 4
     assert size(1e-3, 3.0) == machine.SIZE
     assert size(1e-6, 100.0) == machine.SIZE  # never above SIZE
+
+
+def test_auto_attention_takes_the_fused_kernel_only_where_no_gradient_is_recorded(monkeypatch):
+    calls = []
+    fused = nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    torch.manual_seed(0)
+    attn, x = transformer.Attention(32, 4), torch.randn(2, 7, 32)
+    trained = attn(x)  # training on CPU: the plain form
+    assert calls == [] and trained.requires_grad
+    with torch.no_grad():
+        sampled = attn(x)
+    assert calls == [1]
+    with torch.inference_mode():
+        attn(x)
+    assert calls == [1, 1]
+    torch.testing.assert_close(sampled, trained.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_position_tables_are_cached_per_grid_and_survive_inference_mode():
+    def fresh_1d(n, dim):  # the formula, computed here without the cache
+        freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+        args = torch.arange(n, dtype=torch.float32)[:, None] * freqs[None]
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+    transformer._POSITIONS.clear()
+    with torch.inference_mode():  # a sampler is the first to ask
+        first = transformer.sincos_2d(3, 5, 8)
+    assert transformer.sincos_2d(3, 5, 8) is first  # the same table, not recomputed
+    assert transformer.sincos_2d(5, 3, 8) is not first and transformer.sincos_1d(4, 6) is not transformer.sincos_1d(4, 8)
+    torch.testing.assert_close(transformer.sincos_1d(9, 6), fresh_1d(9, 6))
+    torch.testing.assert_close(first.view(3, 5, 8)[:, 0, :4], fresh_1d(3, 4))  # rows, then columns
+    torch.testing.assert_close(first.view(3, 5, 8)[0, :, 4:], fresh_1d(5, 4))
+    assert not first.is_inference()
+    w = torch.ones(8, requires_grad=True)
+    (transformer.sincos_2d(3, 5, 8) * w).sum().backward()  # a training step may save it for backward
+    torch.testing.assert_close(w.grad, first.sum(0))
+
+
+ALLOCATION_FAULTS = """
+import resource, sys, torch
+from methods.speed import tune_allocator
+state = tune_allocator(sys.argv[1])
+faults = []
+for _ in range(4):  # a 128 MiB activation made and freed, as every training step does
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(32 << 20)
+    del x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(state.get("allocator"), min(faults[1:]), sep="|")
+"""
+
+
+def _glibc() -> bool:
+    import platform
+
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not _glibc(), reason="tune_allocator sets glibc's malloc; elsewhere it changes nothing")
+def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_it_in_again():
+    import subprocess
+    import sys
+
+    def faults(kind):  # the allocator is process-wide: each arm in a fresh process
+        out = subprocess.run([sys.executable, "-c", ALLOCATION_FAULTS, kind], capture_output=True, text=True, check=True)
+        state, n = out.stdout.strip().split("|")
+        return state, int(n)
+
+    state, tuned = faults("reuse")
+    assert state == "glibc mallopt"
+    _, default = faults("default")
+    pages = (128 << 20) // 4096  # every page of a fresh mapping faults in on first touch
+    assert default >= pages // 2, default
+    assert tuned < pages // 20, tuned  # the heap keeps the block: its pages are already there
+
+
+def test_allocator_key_is_checked_and_leaves_the_hash_alone():
+    from methods.speed import tune_allocator
+
+    with pytest.raises(ConfigError, match="did you mean 'reuse'"):
+        load_config(["method=vdm", "scale=test", "trainer.allocator=reuser"])
+    with pytest.raises(ValueError, match="choose one of"):
+        tune_allocator("jemalloc")
+    cfg = load_config(["method=vdm", "scale=test"])
+    assert cfg.trainer.allocator == "default"
+    assert config_hash(load_config(["method=vdm", "scale=test", "trainer.allocator=reuse"])) == config_hash(cfg)
+
+
+def test_allocator_benchmark_pairs_the_arms_and_flags_samples_that_differ():
+    from benchmarks import allocator
+
+    def arm(seconds, sha):
+        return [{"part": "train:denoiser", "kind": "train", "batch_size": "4", "precision": "32-true",
+                 "seconds": str(seconds), "best_seconds": str(seconds)},
+                {"part": "sample", "kind": "sample", "batch_size": "2", "precision": "32-true",
+                 "seconds": str(2 * seconds), "best_seconds": str(2 * seconds), "sample_sha256": sha}]
+
+    rows = allocator.pair_rows("vdm", 0, {"default": arm(2.0, "ab"), "reuse": arm(1.0, "ab")})
+    rows += allocator.pair_rows("vdm", 1, {"default": arm(3.0, "ab"), "reuse": arm(1.0, "cd")})
+    table = {r["part"]: r for r in allocator.summary(rows)}
+    assert table["train:denoiser"]["speedup"] == pytest.approx(2.5 / 1.0)  # medians over the rounds
+    assert table["sample"]["same_samples"] is False  # one round drew different samples
+    assert table["train:denoiser"]["same_samples"] == ""
+    assert "**no**" in allocator.markdown(list(table.values()), {})

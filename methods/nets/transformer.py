@@ -13,6 +13,7 @@ for one (T, h, w) runs on any other grid.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,6 +24,31 @@ from torch import Tensor, nn
 # --- positions -------------------------------------------------------------------------------
 
 
+_POSITIONS: dict[tuple, Tensor] = {}  # (function, its arguments as text) -> the table: grids repeat every call
+
+
+def _cached(fn):
+    """Memoises a position table per arguments: a sampler asks for the same grid at every step and layer.
+
+    Tables are made outside inference mode (a later training step may save them for backward) and
+    are never written in place by their users. Under torch.compile the table is computed, so the
+    graph holds no Python-side cache.
+    """
+
+    @functools.wraps(fn)
+    def table(*args) -> Tensor:
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        key = (fn.__name__, *map(str, args))
+        if key not in _POSITIONS:
+            with torch.inference_mode(False), torch.no_grad():
+                _POSITIONS[key] = fn(*args)
+        return _POSITIONS[key]
+
+    return table
+
+
+@_cached
 def sincos_1d(n: int, dim: int, device: torch.device | None = None) -> Tensor:
     """(n, dim) sin-cos embedding of positions 0..n-1 (Vaswani et al. 2017)."""
     half = dim // 2
@@ -31,6 +57,7 @@ def sincos_1d(n: int, dim: int, device: torch.device | None = None) -> Tensor:
     return nn.functional.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=-1), (0, dim % 2))
 
 
+@_cached
 def sincos_2d(h: int, w: int, dim: int, device: torch.device | None = None) -> Tensor:
     """(h * w, dim) embedding of a row-major h x w grid: half the channels for rows, half for columns."""
     rows = sincos_1d(h, dim // 2, device)  # (h, dim/2)
@@ -57,9 +84,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        if ATTENTION_KERNEL == "fused" or (ATTENTION_KERNEL == "auto" and x.is_cuda):
+        if ATTENTION_KERNEL == "fused" or (ATTENTION_KERNEL == "auto" and (x.is_cuda or not torch.is_grad_enabled())):
             out = nn.functional.scaled_dot_product_attention(q, k, v)  # fused kernel      (B, heads, L, d)
-        else:  # on CPU the plain form was measured faster than the fused kernel for the short sequences used here
+        else:  # training on CPU: the plain form's backward was measured faster than the fused kernel's here
             out = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
         return self.proj(rearrange(out, "b h l d -> b l (h d)"))
 
