@@ -101,3 +101,17 @@ def test_single_thread_data_path_is_bit_identical_and_restores_the_thread_count(
     with batch_module.intra_op_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == threads
+
+
+def test_a_loss_that_takes_a_gradient_inside_is_timed_uncounted():
+    """PVDM's PatchGAN weight calls autograd.grad, which torch's FLOP counter's module hooks refuse."""
+    cfg = load_config(["method=pvdm", "scale=test", "method.autoencoder.loss.gan.weight=1.0",
+                       "method.autoencoder.loss.gan.layers=1"])
+    dm = build_datamodule(cfg)
+    m = build_method(cfg, data_spec(cfg, dm)).train()
+    batch = next(iter(dm.loader_for("train", shuffle=True, drop_last=True, batch_size=2, seed=0)))
+    assert util.train_flops(m, "autoencoder", batch, cfg, torch.device("cpu")) is None
+    assert all(p.grad is not None for p in m.autoencoder.parameters())  # the step still ran, uncounted
+    uncounted = {"gflops": None, "seconds": 1.0, "compute_seconds": 1.0, "best_seconds": 1.0, "peak_kind": "fp32"}
+    rows = util.with_fractions([uncounted], {"fp32": 100.0})
+    assert rows[0]["fraction_of_peak"] is None and rows[0]["gflops_per_s"] is None
