@@ -45,8 +45,9 @@ def _parse(argv: list[str]) -> tuple[dict, list[str]]:
     return opts, rest
 
 
-def measure_arm(method: str, arm: str, overrides: list[str], steps: int, sample_batch: int, workdir: Path) -> list[dict]:
-    """The utilisation rows of one method under one allocator arm, measured in a fresh process."""
+def measure_arm(method: str, arm: str, overrides: list[str], steps: int, sample_batch: int,
+                workdir: Path) -> tuple[list[dict], dict]:
+    """(utilisation rows, machine note) of one method under one allocator arm, measured in a fresh process."""
     out = workdir / f"{method}-{arm}"
     cmd = [sys.executable, "-m", "benchmarks.utilisation", f"methods={method}", f"steps={steps}",
            f"sample_batch={sample_batch}", "probe_seconds=1", f"out={out}", f"trainer.allocator={arm}", *overrides]
@@ -56,12 +57,10 @@ def measure_arm(method: str, arm: str, overrides: list[str], steps: int, sample_
         raise RuntimeError(f"{method} under trainer.allocator={arm} failed: {tail[0]}")
     with open(out / "utilisation.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    note = json.loads((out / "machine.json").read_text())
     for r in rows:
         if r.get("error"):
             raise RuntimeError(f"{method} under trainer.allocator={arm}: {r['error']}")
-        r["_note"] = note
-    return rows
+    return rows, json.loads((out / "machine.json").read_text())
 
 
 def pair_rows(method: str, round_: int, by_arm: dict[str, list[dict]]) -> list[dict]:
@@ -96,12 +95,12 @@ def run(methods: list[str], overrides: list[str], steps: int = 3, sample_batch: 
                 for arm in order:
                     bar.set_postfix_str(f"{m} allocator={arm}")
                     try:
-                        by_arm[arm] = measure_arm(m, arm, overrides, steps, sample_batch, Path(tmp) / f"r{k}")
+                        by_arm[arm], arm_note = measure_arm(m, arm, overrides, steps, sample_batch, Path(tmp) / f"r{k}")
+                        note = note or arm_note
                     except RuntimeError as e:  # one method's failure must not lose the others
                         rows.append({"method": m, "round": k, "error": str(e)[:300]})
                     bar.update()
                 if len(by_arm) == 2:
-                    note = note or by_arm[order[0]][0]["_note"]
                     rows += pair_rows(m, k, by_arm)
     return rows, note
 
