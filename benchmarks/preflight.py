@@ -68,6 +68,16 @@ def validate_config(cfg: DictConfig) -> None:
     need(t.log_every_n_steps >= 1, "trainer.log_every_n_steps", t.log_every_n_steps, "must be >= 1")
     need(t.time_budget is None or t.time_budget > 0, "trainer.time_budget", t.time_budget,
          "seconds of training for the whole run, > 0 (null: train every stage for its max_steps)")
+    from benchmarks.stage_pool import parallel_mode
+
+    need(parallel_mode(t.parallel_stages) is not None, "trainer.parallel_stages", t.parallel_stages,
+         "choose one of auto, true (on), false (off)")
+    if parallel_mode(t.parallel_stages) == "on":
+        need(not t.time_budget, "trainer.parallel_stages", t.parallel_stages, "stages side by side cannot share a "
+             "time budget (its stages split it one after another): set trainer.parallel_stages=auto or false")
+        need(t.strategy == "auto" and str(t.devices) == "1" and t.num_nodes == 1, "trainer.parallel_stages",
+             t.parallel_stages, "stages side by side run on one machine's CPU cores in one training process each: "
+             "with several devices or a DDP strategy set trainer.parallel_stages=auto or false")
     need(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two values in [0, 1)")
     need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")

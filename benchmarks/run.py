@@ -241,8 +241,24 @@ def _warm_up_training_imports() -> None:
     opt.step()
 
 
-def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> dict:
+def load_stage_weights(method, folder: RunFolder, stage: str) -> dict:
+    """Load a trained stage's weights into `method` by the keys the stage writes (`stage_state_keys`; keys no
+    stage writes come along too), so stages trained side by side compose; returns the stage's record."""
+    state, saved = folder.load_stage(stage)
+    others = set().union(*(method.stage_state_keys(s) for s in method.stages if s != stage))
+    mine = method.stage_state_keys(stage)
+    method.load_state_dict({k: v for k, v in state.items() if k in mine or k not in others}, strict=False)
+    return saved
+
+
+def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None, only: str | None = None,
+                 extra_callbacks: tuple | list = ()) -> dict:
     """Train (or load) every stage in order; returns per-stage records.
+
+    With `trainer.parallel_stages` on (benchmarks.stage_pool.parallel_cpus), stages that need nothing of each
+    other train side by side in worker processes first, each through this function with `only` (train that
+    stage after loading the stages it needs; "" loads what is trained or cached and trains nothing) and
+    `extra_callbacks`; every stage is then loaded from the folder.
 
     With `trainer.time_budget` (seconds, every stage together) a stage trains until its allowance is spent
     (`budget_allowance`: the rest of the budget shared by the stages still to train in proportion to their
@@ -254,6 +270,7 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.trainer.states import TrainerStatus
 
+    from benchmarks.stage_pool import ancestors, parallel_cpus, parallel_mode, train_side_by_side
     from lightning_modules.system import EMA, LRSchedule, StageSystem
 
     records = {}
@@ -261,14 +278,30 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
     estimates = _stage_estimates(cfg, method, plan) if budget else {}
     if budget and not all(folder.stage_done(s) for s in method.stages):
         _warm_up_training_imports()
+    if only is None and not _is_worker():
+        status = stage_status(cfg, method, folder)
+        if "cached" in status.values():  # shared weights into the folder first: then every worker loads them
+            train_stages(cfg, method, dm, folder, only="")
+        todo = [s for s in method.stages if not folder.stage_done(s)]
+        cpus = parallel_cpus(cfg, method, todo, None if plan is None else plan.train_estimate)
+        if cpus:
+            print(f"training {', '.join(todo)} in worker processes, independent stages side by side on {cpus} "
+                  f"threads (trainer.parallel_stages={parallel_mode(cfg.trainer.parallel_stages)}; logs in "
+                  "checkpoints/<stage>/worker.log)")
+            pool = train_side_by_side(cfg, method, folder, cpus, {s: stage_settings(cfg, s)["max_steps"] for s in todo})
+            earlier = folder.state().get("parallel_training", {}).get("wall_seconds", 0.0)
+            folder.update_state(parallel_training={**pool, "wall_seconds": earlier + pool["wall_seconds"]})
+    # a worker (only=<stage>) loads the stages its stage needs, and trains that one
+    needed = ancestors({s: method.stage_requires(s) for s in method.stages}, only) if only else None
     for stage in method.stages:
+        if needed is not None and stage != only and stage not in needed:
+            continue
         settings = stage_settings(cfg, stage)
         shared = getattr(method, "shared_stages", {})
         cache = shared_stage_cache(cfg, method, stage, settings)
         rec = {"steps": settings["max_steps"], "params": method.num_parameters(stage), "source": "trained"}
         if folder.stage_done(stage):
-            state, saved = folder.load_stage(stage)
-            method.load_state_dict(state)
+            saved = load_stage_weights(method, folder, stage)
             _check_finite(method, f"{folder.final(stage)}")
             records[stage] = {**rec, **saved, "source": "run folder"}
             print(f"[{stage}] already trained in {folder.stage_dir(stage)}; loaded")
@@ -280,6 +313,8 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
             print(f"[{stage}] loaded shared weights from {cache}")
             if not _is_worker():
                 folder.save_stage(stage, method.state_dict(), records[stage])
+            continue
+        if only is not None and stage != only:  # a worker trains its own stage only
             continue
         if hasattr(method, "on_stage_start"):
             method.on_stage_start(stage)
@@ -304,6 +339,7 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
             callbacks.append(EMA(settings["ema_decay"], cfg.optim.ema_start_step))
         if timer is not None:
             callbacks.append(timer)
+        callbacks.extend(extra_callbacks)
         loader = dm.loader_for("train", shuffle=True, drop_last=True, batch_size=settings["batch_size"], seed=cfg.seed)
         if cfg.trainer.strategy == "ddp_spawn":
             _drop_generators(loader)
@@ -331,6 +367,8 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None) -> d
         if budget:  # the steps it ran, and what it was allowed
             rec.update(steps=steps_done, step_cap=settings["max_steps"], allowance_seconds=allowance,
                        stopped_on="time" if on_time else "steps")
+        for cb in extra_callbacks:  # e.g. a stage worker's thread counts over time
+            rec.update(cb.record() if hasattr(cb, "record") else {})
         records[stage] = {**rec, "seconds": seconds, "step_seconds": seconds / max(1, rec["steps"]),
                           "final_loss": float(loss) if loss is not None else None}
         if trainer.is_global_zero:
@@ -534,10 +572,15 @@ def main(argv: list[str] | None = None) -> dict:
     if is_zero:
         folder.save_config(cfg)
     os.environ[RUN_DIR_ENV] = str(folder.path)
+    from benchmarks.stage_pool import StageWorkerError
     from lightning_modules.system import DivergenceError
 
     try:
         stages = train_stages(cfg, method, dm, folder, plan)
+    except StageWorkerError as e:
+        if is_zero:
+            folder.update_state(failed=str(e).splitlines()[0])
+        raise SystemExit(f"error: {e}\nNo row was stored.") from None
     except DivergenceError as e:
         stage = next(s for s in method.stages if not folder.stage_done(s))
         last = folder.last_checkpoint(stage)
@@ -599,7 +642,11 @@ def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wa
     from evaluation.grid import task_of
 
     ds = cfg.dataset
-    train_seconds = sum(r.get("seconds", 0.0) for r in stages.values())
+    # stages trained side by side (benchmarks.stage_pool) count with the wall time they took together
+    # (their state.json record lost, their own seconds add up: an overestimate)
+    pool = RunFolder(run_dir).state().get("parallel_training") if any(r.get("parallel") for r in stages.values()) else None
+    train_seconds = (sum(r.get("seconds", 0.0) for r in stages.values() if not (pool and r.get("parallel")))
+                     + (pool["wall_seconds"] if pool else 0.0))
     return {
         "method": cfg.method.name, "dataset": ds.name, "scale": cfg.scale, "tag": cfg.tag, "seed": cfg.seed,
         # what is generated from what: numbers of two tasks are never compared (benchmarks.leaderboard)
@@ -614,6 +661,7 @@ def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wa
         "train_seconds": train_seconds, **budget_fields(cfg.trainer.get("time_budget"), train_seconds),
         "stage_seconds": {s: r.get("seconds") for s, r in stages.items()},
         "stage_steps": {s: r["steps"] for s, r in stages.items()},
+        "parallel_stages": None if pool is None else {"cpus": pool["cpus"], "events": pool["events"]},
         "sample_seconds_per_video": sample_seconds, "wall_seconds": wall,
         "gflops_per_video": sample_gflops(cfg, dm),  # every sampling step and the decoder (benchmarks.efficiency)
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -87,6 +87,24 @@ class VideoGenerator(nn.Module):
         """The parameters that `stage` trains (the rest stay frozen during it)."""
         raise NotImplementedError
 
+    def stage_requires(self, stage: str) -> tuple[str, ...]:
+        """The stages whose trained weights `stage` needs before it starts: by default every earlier stage (a
+        chain). A method whose stages are independent says so, and `benchmarks.run` may then train them at once
+        (`trainer.parallel_stages`)."""
+        self.check_stage(stage)
+        return self.stages[: self.stages.index(stage)]
+
+    def stage_modules(self, stage: str) -> tuple[str, ...]:
+        """The top-level submodules whose parameters and buffers `stage` trains: those holding its parameters."""
+        mine = {id(p) for p in self.stage_parameters(stage)}
+        return tuple(name for name, child in self.named_children() if any(id(p) in mine for p in child.parameters()))
+
+    def stage_state_keys(self, stage: str) -> set[str]:
+        """The keys of `state_dict()` that `stage` writes (its modules' parameters and buffers); a stage's saved
+        weights are merged into a method by these keys, so stages trained side by side compose."""
+        prefixes = tuple(f"{m}." for m in self.stage_modules(stage))
+        return {k for k in self.state_dict() if k.startswith(prefixes)}
+
     def stage_param_groups(self, stage: str) -> list[dict]:
         """The stage's optimiser groups: {"params", optional "lr_scale" (relative learning rate), optional "player"
         (a group clipped on its own, e.g. a PatchGAN's discriminators)}; by default one group of `stage_parameters`."""

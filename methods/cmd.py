@@ -348,6 +348,17 @@ class CMD(VideoGenerator):
             return trainable(self.autoencoder) + self.autoencoder_loss.trainable_parameters()
         return trainable(self.motion)  # a CLIP text encoder stays frozen
 
+    def stage_requires(self, stage: str) -> tuple[str, ...]:
+        """The prior and the autoencoder are independent; content needs both (the prior's weights start it, the
+        autoencoder makes its content frames), motion the autoencoder (its latents and content frames)."""
+        self.check_stage(stage)
+        return {"image_prior": (), "autoencoder": (), "motion": ("autoencoder",),
+                "content": ("autoencoder",) + (("image_prior",) if self.image_prior is not None else ())}[stage]
+
+    def stage_modules(self, stage: str) -> tuple[str, ...]:
+        """The autoencoder stage owns its loss module too (the PatchGAN's step counter and discriminators)."""
+        return super().stage_modules(stage) + (("autoencoder_loss",) if stage == "autoencoder" else ())
+
     def stage_param_groups(self, stage: str) -> list[dict]:
         """Optimiser groups: the PatchGAN's discriminators are a player of their own in the autoencoder stage."""
         if stage == "autoencoder":
