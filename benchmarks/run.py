@@ -303,6 +303,12 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None, only
         if folder.stage_done(stage):
             saved = load_stage_weights(method, folder, stage)
             _check_finite(method, f"{folder.final(stage)}")
+            if saved.get("parallel") and not saved.get("composed") and only is None and not _is_worker():
+                # trained side by side, its final.pt holds the stages beside it untrained: rewrite it as a
+                # sequential run leaves it (every stage up to it trained), the whole method that evaluate,
+                # the probes and a resume load from the last stage's file
+                saved = {**saved, "composed": True}
+                folder.save_stage(stage, method.state_dict(), saved)
             records[stage] = {**rec, **saved, "source": "run folder"}
             print(f"[{stage}] already trained in {folder.stage_dir(stage)}; loaded")
             continue
