@@ -12,7 +12,9 @@ an interrupted stage continues from its `last.ckpt`. An override that would chan
 is refused (start a new run instead); a finished run is not run or appended again. A run
 appends its row only once it completes, and never for a diverged or interrupted stage.
 Before the first training step every config value, detector file and the results path are
-checked, and a dry pass runs one loss step per stage and one sampling step.
+checked, and a dry pass runs one loss step per stage and one sampling step. Stages that need nothing
+of each other (CMD's image prior and autoencoder, then its content and motion stages) train side by
+side in worker processes sharing the cores (`trainer.parallel_stages=auto|true|false`, benchmarks.stage_pool).
 """
 
 from __future__ import annotations

@@ -57,6 +57,32 @@ def test_thread_shares_split_every_core_and_give_each_stage_one():
                                                                                           "off", None]
 
 
+def test_side_by_side_only_where_it_can_pay_off():
+    """auto: on CPU, one process, no time budget, two or more cores, and over a minute of predicted training."""
+    from benchmarks.stage_pool import AUTO_MIN_SECONDS, parallel_cpus
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cfg, method = _method("cmd")
+        todo = list(method.stages)
+        assert parallel_cpus(cfg, method, todo, 2 * AUTO_MIN_SECONDS) == 2
+        assert parallel_cpus(cfg, method, todo, AUTO_MIN_SECONDS / 2) == 0  # a worker's start would not pay
+        assert parallel_cpus(cfg, method, todo[2:], 2 * AUTO_MIN_SECONDS) == 2  # content beside motion
+        assert parallel_cpus(cfg, method, ["content"], 2 * AUTO_MIN_SECONDS) == 0  # nothing to put beside it
+        for off in ("trainer.parallel_stages=false", "trainer.time_budget=300"):
+            cfg_off, _ = _method("cmd", off)
+            assert parallel_cpus(cfg_off, method, todo, 2 * AUTO_MIN_SECONDS) == 0, off
+        cfg_on, _ = _method("cmd", "trainer.parallel_stages=true")
+        assert parallel_cpus(cfg_on, method, todo, None) == 2
+        torch.set_num_threads(1)
+        assert parallel_cpus(cfg, method, todo, 2 * AUTO_MIN_SECONDS) == 0  # one core: nothing to share
+        cfg_vdm, vdm = _method("vdm")
+        assert parallel_cpus(cfg_vdm, vdm, list(vdm.stages), 2 * AUTO_MIN_SECONDS) == 0
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_weights_of_stages_trained_apart_compose(tmp_path):
     """Each stage's final.pt holds the whole method, with the stages trained beside it at their initial values:
     loading them one after another must keep every stage's own weights (a plain load_state_dict would put the
@@ -127,3 +153,14 @@ def test_a_failing_worker_stops_the_run_naming_its_stage_and_log(tmp_path):
         run.main(_args(tmp_path, f"run_dir={broken.path}", "trainer.parallel_stages=true", "trainer.progress_bar=false"))
     assert broken.stage_done("autoencoder")  # what finished is kept for a resume
     assert "failed" in broken.state()
+
+
+def test_bad_parallel_settings_fail_before_training_saying_what_to_set():
+    from benchmarks.config import ConfigError
+    from benchmarks.preflight import validate_config
+
+    with pytest.raises(ConfigError, match=r"trainer.parallel_stages='sometimes': choose one of auto, true"):
+        validate_config(load_config(["scale=test", "trainer.parallel_stages=sometimes"]))
+    with pytest.raises(ConfigError, match=r"cannot share a time budget.*trainer.parallel_stages=auto or false"):
+        validate_config(load_config(["scale=test", "trainer.parallel_stages=on", "trainer.time_budget=60"]))
+    validate_config(load_config(["scale=test", "trainer.parallel_stages=off"]))  # YAML's off: false
