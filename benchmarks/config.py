@@ -66,10 +66,12 @@ class TrainerConfig:
     # default (glibc's malloc as it starts) | reuse (it keeps large freed blocks: methods.speed.tune_allocator;
     # bit-identical results; measured per method and part by benchmarks.allocator)
     allocator: str = "default"
-    # auto | true | false (on / off): train a method's independent stages (CMD's image prior and autoencoder, then its content
-    # and motion stages) side by side, each in a worker process with a share of the CPU cores (benchmarks.stage_pool).
-    # auto: on CPU in one process without a time budget, when the dry pass predicts over a minute of training
-    parallel_stages: str = "auto"
+    # false | auto | true (off / on): train a method's independent stages (CMD's image prior and autoencoder, then
+    # its content and motion stages) side by side, each in a worker process with a share of the CPU cores
+    # (benchmarks.stage_pool). auto: on CPU in one process without a time budget, with two or more cores, when the
+    # dry pass predicts over a minute of training. Off by default: 1.07-1.08x on the default run, while its
+    # scores moved the worse way in both measured pairs (README, "Stages side by side")
+    parallel_stages: str = "false"
 
 
 @dataclass

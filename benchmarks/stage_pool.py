@@ -86,7 +86,7 @@ def parallel_cpus(cfg, method, todo: list[str], estimate: float | None) -> int:
     """
     import torch
 
-    mode = parallel_mode(cfg.trainer.get("parallel_stages", "auto"))
+    mode = parallel_mode(cfg.trainer.get("parallel_stages", "false"))
     cpus = torch.get_num_threads()
     requires = {s: method.stage_requires(s) for s in method.stages}
     usable = (mode != "off" and not cfg.trainer.get("time_budget") and method.device.type == "cpu"

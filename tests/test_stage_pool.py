@@ -58,26 +58,27 @@ def test_thread_shares_split_every_core_and_give_each_stage_one():
 
 
 def test_side_by_side_only_where_it_can_pay_off():
-    """auto: on CPU, one process, no time budget, two or more cores, and over a minute of predicted training."""
+    """Off by default; auto: on CPU, one process, no time budget, two or more cores, over a minute of predicted
+    training; on: wherever two stages can train at once."""
     from benchmarks.stage_pool import AUTO_MIN_SECONDS, parallel_cpus
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        cfg, method = _method("cmd")
+        cfg, method = _method("cmd", "trainer.parallel_stages=auto")
         todo = list(method.stages)
         assert parallel_cpus(cfg, method, todo, 2 * AUTO_MIN_SECONDS) == 2
         assert parallel_cpus(cfg, method, todo, AUTO_MIN_SECONDS / 2) == 0  # a worker's start would not pay
         assert parallel_cpus(cfg, method, todo[2:], 2 * AUTO_MIN_SECONDS) == 2  # content beside motion
         assert parallel_cpus(cfg, method, ["content"], 2 * AUTO_MIN_SECONDS) == 0  # nothing to put beside it
-        for off in ("trainer.parallel_stages=false", "trainer.time_budget=300"):
-            cfg_off, _ = _method("cmd", off)
+        for off in ([], ["trainer.time_budget=300"]):  # off by default; and never under a time budget
+            cfg_off, _ = _method("cmd", *off, *(["trainer.parallel_stages=auto"] if off else []))
             assert parallel_cpus(cfg_off, method, todo, 2 * AUTO_MIN_SECONDS) == 0, off
         cfg_on, _ = _method("cmd", "trainer.parallel_stages=true")
         assert parallel_cpus(cfg_on, method, todo, None) == 2
         torch.set_num_threads(1)
         assert parallel_cpus(cfg, method, todo, 2 * AUTO_MIN_SECONDS) == 0  # one core: nothing to share
-        cfg_vdm, vdm = _method("vdm")
+        cfg_vdm, vdm = _method("vdm", "trainer.parallel_stages=true")
         assert parallel_cpus(cfg_vdm, vdm, list(vdm.stages), 2 * AUTO_MIN_SECONDS) == 0
     finally:
         torch.set_num_threads(before)
