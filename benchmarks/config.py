@@ -69,8 +69,8 @@ class TrainerConfig:
     # false | auto | true (off / on): train a method's independent stages (CMD's image prior and autoencoder, then
     # its content and motion stages) side by side, each in a worker process with a share of the CPU cores
     # (benchmarks.stage_pool). auto: on CPU in one process without a time budget, with two or more cores, when the
-    # dry pass predicts over a minute of training. Off by default: 1.07-1.08x on the default run, while its
-    # scores moved the worse way in both measured pairs (README, "Stages side by side")
+    # dry pass predicts over a minute of training. Off by default: 1.07-1.15x on the default run, while its FVD
+    # and R-FVD were worse in all three measured pairs (README, "Stages side by side")
     parallel_stages: str = "false"
 
 
