@@ -8,10 +8,12 @@ need nothing, its content stage both, its motion stage the autoencoder. With `tr
 
 with the cores split between the stages running (`thread_shares`); when one ends and no stage becomes ready,
 the ones still running take its cores between two steps (the parent writes the new count to the stage's
-`threads` file, `ShareCores` reads it). Why: these small networks use a second core poorly (on 2 cores,
-CMD's stages step 1.35-1.8x faster on two threads than on one: `OMP_NUM_THREADS=1 python -m
-benchmarks.utilisation methods=cmd sample=false` against the same without it), so two stages on one core each
-train more per second than one stage on both.
+`threads` file, `ShareCores` reads it). Why: small networks may use a second core poorly, and then two
+stages on one core each train more per second than one stage on both. Measured on 2 cores (README, "Stages
+side by side"): in an eight-step benchmark CMD's stages stepped only 1.36-1.81x faster on two threads than on
+one (`OMP_NUM_THREADS=1 python -m benchmarks.utilisation methods=cmd sample=false` against the same without
+it), inside whole runs 1.75-1.89x, so the default run trained 1.07-1.15x faster side by side; its FVD was
+worse in all three pairs, so `trainer.parallel_stages` is off by default.
 
 A worker trains its stage with `benchmarks.run.train_stages` into the run folder, as a sequential run
 would (checkpoints, resume, the stage's record); the parent then loads each stage's weights by the keys that
@@ -27,7 +29,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
@@ -190,7 +192,6 @@ class Worker:
     log: Path
     threads: int
     started: float
-    events: list = field(default_factory=list)
 
 
 def _start(folder, stage: str, threads: int) -> Worker:
