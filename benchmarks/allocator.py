@@ -155,21 +155,20 @@ def bar_chart(table: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return []
-    from benchmarks.common import chosen_methods
-    from benchmarks.results import atomic_write_csv
+    from benchmarks.common import benchmark_cli
 
-    opts, rest = _parse(argv)
-    methods = chosen_methods(opts["methods"])
+    started = benchmark_cli(argv, USAGE, _parse)
+    if started is None:
+        return []
+    opts, rest, methods = started
+    from benchmarks.results import atomic_write_csv, atomic_write_text
+
     t0 = time.perf_counter()
     rows, note = run(methods, rest, opts["steps"], opts["sample_batch"], opts["rounds"])
     out = Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out / "allocator.csv", rows)
-    (out / "machine.json").write_text(json.dumps(note, indent=1))
+    atomic_write_text(out / "machine.json", json.dumps(note, indent=1))
     table = summary(rows)
     if table:
         bar_chart(table, out / "allocator.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import subprocess
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -22,6 +23,18 @@ def chosen_methods(names: list[str] | None) -> list[str]:
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; registered: {', '.join(METHODS)}")
     return methods
+
+
+def benchmark_cli(argv: list[str] | None, usage: str, parse) -> tuple[dict, list[str], list[str]] | None:
+    """The start of a per-method benchmark's command line: `-h` / `--help` prints `usage` and gives None; else
+    (its own options, the run-config overrides, the chosen methods) from `parse(argv) -> (opts, rest)`, whose
+    opts hold `methods`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage)
+        return None
+    opts, rest = parse(argv)
+    return opts, rest, chosen_methods(opts["methods"])
 
 
 def build_datamodule(cfg: DictConfig) -> VideoDataModule:

@@ -272,7 +272,7 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None, only
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.trainer.states import TrainerStatus
 
-    from benchmarks.stage_pool import ancestors, parallel_cpus, parallel_mode, train_side_by_side
+    from benchmarks.stage_pool import ancestors, parallel_cpus, parallel_mode, stage_graph, train_side_by_side
     from lightning_modules.system import EMA, LRSchedule, StageSystem
 
     records = {}
@@ -294,7 +294,7 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None, only
             earlier = folder.state().get("parallel_training", {}).get("wall_seconds", 0.0)
             folder.update_state(parallel_training={**pool, "wall_seconds": earlier + pool["wall_seconds"]})
     # a worker (only=<stage>) loads the stages its stage needs, and trains that one
-    needed = ancestors({s: method.stage_requires(s) for s in method.stages}, only) if only else None
+    needed = ancestors(stage_graph(method), only) if only else None
     for stage in method.stages:
         if needed is not None and stage != only and stage not in needed:
             continue

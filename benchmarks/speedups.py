@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -307,20 +306,19 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+    from benchmarks.common import benchmark_cli
+
+    started = benchmark_cli(argv, USAGE, _parse)
+    if started is None:
         return []
+    opts, rest, methods = started
     from tqdm.auto import tqdm
 
-    from benchmarks.common import chosen_methods
     from benchmarks.config import ConfigError, load_config
     from benchmarks.machine import machine_note
     from benchmarks.results import atomic_write_text
     from methods import METHODS
 
-    opts, rest = _parse(argv)
-    methods = chosen_methods(opts["methods"])
     try:  # a bad option or override fails here, before anything is measured
         for o in opts["options"]:
             load_config([f"method={methods[0]}", *rest, option_override(o)])

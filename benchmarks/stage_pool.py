@@ -42,6 +42,11 @@ class StageWorkerError(RuntimeError):
     """A stage's worker process failed; the message holds its exit code, log path and the log's last lines."""
 
 
+def stage_graph(method) -> dict[str, tuple[str, ...]]:
+    """{stage: the stages it needs} of a method, in its stage order."""
+    return {s: method.stage_requires(s) for s in method.stages}
+
+
 def ancestors(requires: dict[str, tuple[str, ...]], stage: str) -> set[str]:
     """Every stage `stage` needs, directly or through another."""
     out, todo = set(), list(requires[stage])
@@ -90,7 +95,7 @@ def parallel_cpus(cfg, method, todo: list[str], estimate: float | None) -> int:
 
     mode = parallel_mode(cfg.trainer.get("parallel_stages", "false"))
     cpus = torch.get_num_threads()
-    requires = {s: method.stage_requires(s) for s in method.stages}
+    requires = stage_graph(method)
     usable = (mode != "off" and not cfg.trainer.get("time_budget") and method.device.type == "cpu"
               and str(cfg.trainer.devices) == "1" and cfg.trainer.num_nodes == 1 and cfg.trainer.strategy == "auto"
               and bool(side_by_side(requires, todo)))
@@ -229,7 +234,7 @@ def train_side_by_side(cfg, method, folder, cpus: int, max_steps: dict[str, int]
 
     from benchmarks.results import atomic_write_text
 
-    requires = {s: method.stage_requires(s) for s in method.stages}
+    requires = stage_graph(method)
     done = {s for s in method.stages if folder.stage_done(s)}
     running: dict[str, Worker] = {}
     bars: dict[str, tqdm] = {}

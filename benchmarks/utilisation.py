@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -510,21 +509,21 @@ def run(methods: list[str], overrides: list[str], steps: int = 3, sample_batch: 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return []
-    from benchmarks.common import chosen_methods
+    from benchmarks.common import benchmark_cli
 
-    opts, rest = _parse(argv)
-    methods = chosen_methods(opts["methods"])
+    started = benchmark_cli(argv, USAGE, _parse)
+    if started is None:
+        return []
+    opts, rest, methods = started
+    from benchmarks.results import atomic_write_text
+
     t0 = time.perf_counter()
     rows, note = run(methods, rest, opts["steps"], opts["sample_batch"], opts["sample"], opts["profile"],
                      data_ab=opts["data_ab"], probe_seconds=opts["probe_seconds"])
     out = Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "utilisation.csv", rows)
-    (out / "machine.json").write_text(json.dumps(note, indent=1))
+    atomic_write_text(out / "machine.json", json.dumps(note, indent=1))
     bar_chart(rows, note, out / "utilisation.png")
     print(markdown(rows, note))
     print(f"wrote {out}/utilisation.csv, machine.json, utilisation.png ({time.perf_counter() - t0:.0f} s)")
