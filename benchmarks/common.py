@@ -72,6 +72,13 @@ def build_method(cfg: DictConfig, spec: DataSpec) -> VideoGenerator:
         from methods.speed import set_attention_kernel
 
         set_attention_kernel(trainer.get("attention"))
+    mb = float(trainer.get("encoding_cache") or 0)
+    if mb < 0:
+        raise ValueError(f"trainer.encoding_cache={mb}: give the cache's size in MiB, or 0 to switch it off")
+    if mb > 0:
+        from methods.speed import EncodingCache
+
+        method.encoding_cache = EncodingCache(mb)
     return method
 
 

@@ -5,7 +5,7 @@ stay free of torch; benchmarks.config, which imports the datamodules, re-exports
 # resumed run may change them. Every other key defines the result.
 HOW_KEYS = ("run_dir", "runs_root", "results", "cache_dir", "tag", "trainer.progress_bar", "trainer.log_every_n_steps",
             "trainer.checkpoint_every_n_steps", "data.num_workers", "data.pin_memory", "eval.cache_real_stats",
-            "trainer.allocator", "trainer.parallel_stages")
+            "trainer.allocator", "trainer.parallel_stages", "trainer.encoding_cache")
 # Where a method's diffusion configs (methods.vdm.DiffusionConfig) sit in the run config.
 DIFFUSION_CONFIGS = ("method.diffusion", "method.image_prior.diffusion", "method.motion.diffusion")
 # Where the methods' lean UNets (methods.nets.unet.UNetConfig) sit in the run config.

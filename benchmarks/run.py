@@ -358,6 +358,7 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None, only
               + (f"{allowance:.1f} s of the {float(budget):.0f} s budget (at most {settings['max_steps']} steps)"
                  if budget else f"{settings['max_steps']} steps")
               + (f" (resuming from {last}, {before:.0f} s trained before)" if last.exists() else ""))
+        encodings = method.encoding_cache.stats() if method.encoding_cache is not None else None
         t0 = time.perf_counter()
         if timer is not None:  # the clock of the stage's allowance, which a decaying learning rate follows too
             timer.deadline = schedule.deadline = t0 + allowance - before
@@ -375,6 +376,9 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None, only
         if budget:  # the steps it ran, and what it was allowed
             rec.update(steps=steps_done, step_cap=settings["max_steps"], allowance_seconds=allowance,
                        stopped_on="time" if on_time else "steps")
+        if encodings is not None and method.encoding_cache.misses > encodings["misses"]:  # the stage encoded clips
+            now = method.encoding_cache.stats()
+            rec["encoding_cache"] = {**now, **{k: now[k] - encodings[k] for k in ("hits", "misses", "not_kept")}}
         for cb in extra_callbacks:  # e.g. a stage worker's thread counts over time
             rec.update(cb.record() if hasattr(cb, "record") else {})
         records[stage] = {**rec, "seconds": seconds, "step_seconds": seconds / max(1, rec["steps"]),

@@ -82,6 +82,12 @@ class VideoGenerator(nn.Module):
     def __init__(self, data: DataSpec) -> None:
         super().__init__()
         self.data = data
+        self.encoding_cache = None  # a methods.speed.EncodingCache (trainer.encoding_cache), or None
+
+    def frozen_encode(self, fn, x: Tensor, module: nn.Module):
+        """`fn(x)`: a frozen `module` encoding the clips `x` inside a loss, through the encoding cache when the run
+        keeps one (rows seen before are read back, not encoded again)."""
+        return fn(x) if self.encoding_cache is None else self.encoding_cache(x, fn, module)
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
         """The parameters that `stage` trains (the rest stay frozen during it)."""

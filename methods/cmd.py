@@ -409,7 +409,7 @@ class CMD(VideoGenerator):
         if stage == "autoencoder":
             x = self.to_space(video)  # L1 (pixels) or MSE (latents), + LPIPS / PatchGAN when configured
             return self.autoencoder_loss(x, self.autoencoder(x), self.autoencoder.unpatch.weight)
-        content, z = self.encode(video)  # the frozen autoencoder on real clips
+        content, z = self.frozen_encode(self.encode, video, self.autoencoder)  # the frozen autoencoder on real clips
         r = self.cfg.latent_repeats
         if r > 1:
             content, z, cond = content.repeat_interleave(r, 0), z.repeat_interleave(r, 0), repeat_conditioning(cond, r)

@@ -351,6 +351,11 @@ class EDVDM(FirstFrameDiffusion):
         mv, r, _ = codec.decompose_closed_loop(video, cfg.block, cfg.search, code, clamp=1.0, match=cfg.match)
         return mv, r.to(video.dtype), torch.stack(latents, dim=2)
 
+    def encode_codes(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """(MV, latents): what the denoiser learns, without the residuals (the encoding cache keeps these)."""
+        mv, _, latent = self.encode_video(video)
+        return mv, latent
+
     def encode_residuals(self, r: Tensor) -> Tensor:
         """R (B, C, T', H, W) -> latents (B, c_z, T', H/b, W/b), frame by frame."""
         latent = self.autoencoder.encode(rearrange(r, "b c t h w -> (b t) c h w"))
@@ -387,7 +392,7 @@ class EDVDM(FirstFrameDiffusion):
             frames = rearrange(r, "b c t h w -> (b t) c h w")
             l1 = (self.autoencoder(frames).float() - frames.float()).abs().mean()
             return {"loss": l1, "l1": l1.detach()}
-        mv, _, latent = self.encode_video(video)  # the residual autoencoder is frozen in this stage
+        mv, latent = self.frozen_encode(self.encode_codes, video, self.autoencoder)  # frozen in this stage
         z0 = self.pack(mv, latent)
         return {"loss": self.diffusion_loss(z0, batch.first_frame, Conditioning.from_batch(batch))}
 

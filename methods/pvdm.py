@@ -248,10 +248,10 @@ class PVDM(VideoGenerator):
             x = self.split_clips(video)  # every clip of every item                  (B*k, C, T, H, W)
             return self.autoencoder_loss(x, self.autoencoder(x), self.autoencoder.unpatch.weight)  # L1 (+ LPIPS, GAN)
         current, previous, conditioned = self.training_clips(video)
-        z = self.encode(current)  # (B, c, L)
+        z = self.frozen_encode(self.encode, current, self.autoencoder)  # (B, c, L)
         z_prev = torch.zeros_like(z)
         if conditioned.any():
-            z_prev[conditioned] = self.encode(previous[conditioned])
+            z_prev[conditioned] = self.frozen_encode(self.encode, previous[conditioned], self.autoencoder)
         cond = Conditioning.from_batch(batch)
         n = z.shape[0]
         t = D.sample_timesteps(n, len(self.alpha_bar), z.device)

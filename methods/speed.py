@@ -18,6 +18,11 @@
   pages fault in on first touch (a `mul` of two 32 MiB tensors took 7x as long for it on a 2-core EPYC;
   whole training steps and samplers gain less, some lose). Process-wide; nothing computes differently
   (bit-identical results).
+- `EncodingCache`: the outputs of a frozen encoder kept per input row (a clip), keyed by a hash of the row's
+  bytes, so a clip seen again in a later epoch or a later stage is not encoded again (CMD's content and
+  motion stages, PVDM's diffusion, ED-VDM's denoiser). The first sight of a clip encodes it in its batch as
+  before; later sights read what that gave (equal to encoding it again in another batch up to float
+  rounding: oneDNN's kernels may block a batch of one differently).
 
 benchmarks.speedups measures each against the default per method and stage, compile time included;
 `trainer.compile`, `trainer.channels_last` and `trainer.attention` switch them on in a run;
@@ -27,11 +32,12 @@ the latter) is measured by benchmarks.allocator, in paired processes.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 ATTENTION_KERNELS = ("auto", "math", "fused")
 ALLOCATORS = ("default", "reuse")  # default: glibc's malloc as it starts; reuse: it keeps freed memory (tune_allocator)
@@ -137,3 +143,85 @@ def to_channels_last(model: nn.Module) -> int:
             m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
             n += 1
     return n
+
+
+class EncodingCache:
+    """What a frozen encoder gave for each input row, so that no row is encoded twice.
+
+    `cache(x, fn, module)` returns `fn(x)` (a tensor or a tuple of tensors, each batched on dim 0): rows of
+    `x` seen before are read from the cache, the others go through `fn` together and are kept, while the
+    cache holds under `max_mb` MiB. A row's key is a hash of its bytes, shape and dtype, so any data
+    pipeline (random crops, random clip windows) is cached correctly: a different crop is a different row.
+    The cache empties itself when `module` changes: a parameter written in place (an optimiser step, a
+    loaded checkpoint), moved, or the module switched between train and eval mode. It never records
+    gradients: where autograd is on and `module` has trainable parameters, it calls `fn` directly.
+    """
+
+    def __init__(self, max_mb: float) -> None:
+        if max_mb <= 0:
+            raise ValueError(f"EncodingCache needs a positive size in MiB, got {max_mb}; "
+                             "set trainer.encoding_cache=0 to switch the cache off")
+        self.max_bytes = int(max_mb * 2**20)
+        self.rows: dict[bytes, tuple[bool, tuple[Tensor, ...]]] = {}  # key -> (fn gave one tensor, its rows)
+        self.bytes = 0
+        self.hits = self.misses = self.full = 0  # rows read, rows encoded, rows not kept (the cache was full)
+        self._state: tuple | None = None
+
+    @staticmethod
+    def state(module: nn.Module) -> tuple:
+        """What must not change while cached outputs stay valid: every parameter's storage and version, and the mode."""
+        return (module.training, *((p.data_ptr(), p._version, p.dtype) for p in module.parameters()))
+
+    @staticmethod
+    def key(row: Tensor) -> bytes:
+        data = row.detach().contiguous().cpu()
+        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"", digest_size=20)
+        digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
+        return digest.digest()
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self.bytes = 0
+
+    def stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "not_kept": self.full, "rows": len(self.rows),
+                "mb": round(self.bytes / 2**20, 1)}
+
+    def __call__(self, x: Tensor, fn: Callable[[Tensor], Tensor | tuple[Tensor, ...]], module: nn.Module):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+            return fn(x)  # a trained encoder: nothing to cache
+        state = self.state(module)
+        if state != self._state:
+            self.clear()
+            self._state = state
+        keys = [self.key(row) for row in x]
+        todo: dict[bytes, int] = {}  # rows to encode: key -> the first row with it
+        for i, k in enumerate(keys):
+            if k not in self.rows and k not in todo:
+                todo[k] = i
+        fresh: dict[bytes, tuple[bool, tuple[Tensor, ...]]] = {}
+        if todo:
+            rows = list(todo.values())
+            out = fn(x if len(rows) == len(x) else x[rows])
+            single = isinstance(out, Tensor)
+            parts = (out,) if single else tuple(out)
+            self.misses += len(rows)
+            for j, k in enumerate(todo):
+                fresh[k] = (single, tuple(p[j] for p in parts))
+                self._keep(k, single, parts, j)
+            if len(rows) == len(x):
+                return out  # nothing was cached: the encoder's own batch, as without the cache
+        self.hits += len(x) - len(todo)
+        entries = [fresh[k] if k in fresh else self.rows[k] for k in keys]
+        single = entries[0][0]
+        stacked = tuple(torch.stack([e[1][n] for e in entries]) for n in range(len(entries[0][1])))
+        return stacked[0] if single else stacked
+
+    def _keep(self, key: bytes, single: bool, parts: tuple[Tensor, ...], j: int) -> None:
+        row = tuple(p[j].clone() for p in parts)  # its own storage: the batch is freed
+        size = sum(t.numel() * t.element_size() for t in row)
+        if self.bytes + size > self.max_bytes:
+            self.full += 1
+            return
+        self.rows[key] = (single, row)
+        self.bytes += size

@@ -9,6 +9,7 @@ from torch import nn
 from benchmarks import speedups
 from benchmarks.common import build_datamodule, build_method, data_spec
 from benchmarks.config import ConfigError, config_hash, load_config
+from methods import METHODS
 from methods.base import VideoBatch
 from methods.nets import transformer
 from methods.speed import attention_kernel, called_roots, compile_called, is_compiled, set_attention_kernel, to_channels_last
@@ -314,3 +315,115 @@ def test_allocator_benchmark_pairs_the_arms_and_flags_samples_that_differ():
     assert table["sample"]["same_samples"] is False  # one round drew different samples
     assert table["train:denoiser"]["same_samples"] == ""
     assert "**no**" in allocator.markdown(list(table.values()), {})
+
+
+# --- the encoding cache (methods.speed.EncodingCache) -------------------------------------------------------------
+
+
+class Counted(nn.Module):
+    """A frozen 'encoder' that counts the rows it encodes and gives two outputs per row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(3, 2)
+        self.rows = 0
+
+    def encode(self, x):
+        self.rows += len(x)
+        return self.net(x), x.sum(dim=1)
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def test_encoding_cache_gives_the_encoders_outputs_and_encodes_each_distinct_row_once():
+    from methods.speed import EncodingCache
+
+    enc, cache = _frozen(Counted()), EncodingCache(1)
+    x = torch.randn(4, 3)
+    first = cache(x, enc.encode, enc)
+    assert enc.rows == 4 and cache.stats()["hits"] == 0
+    y = torch.cat([x[2:], torch.randn(2, 3)])
+    y = torch.cat([y, y[3:]])  # a new row twice in one batch: encoded once
+    got = cache(y, enc.encode, enc)
+    assert enc.rows == 6 and cache.stats() | {"mb": 0} == {"hits": 3, "misses": 6, "not_kept": 0, "rows": 6, "mb": 0}
+    want = enc.net(y), y.sum(dim=1)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    torch.testing.assert_close(first[0], enc.net(x))
+    again = cache(x, enc.encode, enc)  # every row seen: nothing encoded
+    assert enc.rows == 6 and torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+def test_encoding_cache_empties_when_the_encoder_changes_and_stops_at_its_size():
+    from methods.speed import EncodingCache
+
+    enc, cache = _frozen(Counted()), EncodingCache(1)
+    x = torch.randn(5, 3)
+    cache(x, enc.encode, enc)
+    with torch.no_grad():
+        enc.net.weight.add_(1.0)  # as an optimiser step or a loaded checkpoint writes it
+    torch.testing.assert_close(cache(x, enc.encode, enc)[0], enc.net(x))
+    assert enc.rows == 10
+    enc.net.load_state_dict(Counted().net.state_dict())
+    torch.testing.assert_close(cache(x, enc.encode, enc)[0], enc.net(x))
+    enc.train(not enc.training)  # another mode may compute otherwise (dropout, norms)
+    cache(x, enc.encode, enc)
+    assert enc.rows == 20
+
+    small = EncodingCache(40 / 2**20)  # 40 bytes: three rows of 2 + 1 floats (12 bytes each)
+    out = small(x, enc.encode, enc)
+    assert small.stats()["rows"] == 3 and small.stats()["not_kept"] == 2 and small.bytes <= 40
+    torch.testing.assert_close(small(x, enc.encode, enc)[0], out[0])  # kept and re-encoded rows alike
+    assert enc.rows == 27
+
+
+def test_encoding_cache_leaves_a_trained_encoder_alone_and_checks_its_size():
+    from methods.speed import EncodingCache
+
+    enc, cache = Counted(), EncodingCache(1)  # trainable: gradients must flow, nothing kept
+    x = torch.randn(3, 3)
+    cache(x, enc.encode, enc)[0].sum().backward()
+    assert enc.net.weight.grad is not None and cache.stats()["rows"] == 0
+    with pytest.raises(ValueError, match="trainer.encoding_cache=0"):
+        EncodingCache(0)
+    cfg = load_config(["method=cmd", "scale=test"])
+    with pytest.raises(ValueError, match="MiB"):
+        build_method(load_config(["method=cmd", "scale=test", "trainer.encoding_cache=-1"]),
+                     data_spec(cfg, build_datamodule(cfg)))
+    assert config_hash(load_config(["method=cmd", "scale=test", "trainer.encoding_cache=256"])) == config_hash(cfg)
+
+
+CACHED_STAGES = {("cmd", "content"), ("cmd", "motion"), ("pvdm", "diffusion"), ("edvdm", "denoiser")}
+
+
+@pytest.mark.parametrize("name, stage", [(m, s) for m in METHODS for s in METHODS[m].stages])
+def test_encoding_cache_keeps_every_stage_loss(name, stage):
+    """The same loss with and without the cache, on a batch seen for the first and the second time; the stages
+    with a frozen encoder read it back the second time."""
+    from benchmarks.efficiency import _freeze_for
+
+    cfg = load_config([f"method={name}", "scale=test"])
+    dm = build_datamodule(cfg)
+    spec = data_spec(cfg, dm)
+    torch.manual_seed(0)
+    plain = build_method(cfg, spec)
+    torch.manual_seed(0)
+    cached = build_method(load_config([f"method={name}", "scale=test", "trainer.encoding_cache=64"]), spec)
+    batch = next(iter(dm.loader_for("train", shuffle=False, drop_last=True, batch_size=2, seed=0)))
+    for m in (plain, cached):
+        _freeze_for(m, stage)
+    for visit in range(2):
+        losses = []
+        for m in (plain, cached):
+            torch.manual_seed(10 + visit)
+            losses.append(m.loss(stage, batch)["loss"])
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    stats = cached.encoding_cache.stats()
+    if (name, stage) in CACHED_STAGES:
+        assert stats["misses"] > 0 and stats["hits"] > 0, stats  # PVDM draws new clip windows: some rows are new
+    else:
+        assert stats["misses"] == stats["hits"] == 0, f"{name}:{stage} encodes through the cache: add it to CACHED_STAGES"
