@@ -376,9 +376,12 @@ def train_stages(cfg: DictConfig, method, dm, folder: RunFolder, plan=None, only
         if budget:  # the steps it ran, and what it was allowed
             rec.update(steps=steps_done, step_cap=settings["max_steps"], allowance_seconds=allowance,
                        stopped_on="time" if on_time else "steps")
-        if encodings is not None and method.encoding_cache.misses > encodings["misses"]:  # the stage encoded clips
-            now = method.encoding_cache.stats()
-            rec["encoding_cache"] = {**now, **{k: now[k] - encodings[k] for k in ("hits", "misses", "not_kept")}}
+        now = method.encoding_cache.stats() if encodings is not None else None
+        if now is not None and any(now[k] != encodings[k] for k in ("hits", "misses", "not_on_cpu")):
+            got = rec["encoding_cache"] = {**now, **{k: now[k] - encodings[k]
+                                                     for k in ("hits", "misses", "not_kept", "not_on_cpu")}}
+            print(f"[{stage}] encoding cache: {got['misses']} clips encoded, {got['hits']} read back ({now['rows']} "
+                  f"kept, {now['mb']} MiB)" + (f"; {got['not_on_cpu']} not on the CPU, not cached" if got["not_on_cpu"] else ""))
         for cb in extra_callbacks:  # e.g. a stage worker's thread counts over time
             rec.update(cb.record() if hasattr(cb, "record") else {})
         records[stage] = {**rec, "seconds": seconds, "step_seconds": seconds / max(1, rec["steps"]),
@@ -674,6 +677,8 @@ def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wa
         "stage_seconds": {s: r.get("seconds") for s, r in stages.items()},
         "stage_steps": {s: r["steps"] for s, r in stages.items()},
         "parallel_stages": None if pool is None else {"cpus": pool["cpus"], "events": pool["events"]},
+        # clips each stage encoded with its frozen encoder and read back (trainer.encoding_cache)
+        "encoding_cache": {s: r["encoding_cache"] for s, r in stages.items() if r.get("encoding_cache")} or None,
         "sample_seconds_per_video": sample_seconds, "wall_seconds": wall,
         "gflops_per_video": sample_gflops(cfg, dm),  # every sampling step and the decoder (benchmarks.efficiency)
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -185,6 +185,20 @@ def data_path_before_fix(before: bool = True):
         shapes.RENDER_THREADS, batch.COLLATE_THREADS = saved
 
 
+def training_step(method, stage: str, batch, opt, cfg, device, clip: float) -> None:
+    """One optimiser step as the trainer takes it: the loss under the run's autocast, backward, clipping, AdamW."""
+    from benchmarks.efficiency import _autocast
+    from lightning_modules.system import clip_by_player
+
+    with _autocast(cfg, device):
+        loss = method.loss(stage, batch)["loss"]
+    loss.backward()
+    if clip > 0:
+        clip_by_player(opt, clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def measure_training(method, stage: str, cfg, dm, device, steps: int, profile: bool = False,
                      data_ab: bool = False) -> dict:
     """One row: FLOPs per step, median step seconds, data-wait share, achieved GFLOP/s (see the module docstring).
@@ -194,8 +208,7 @@ def measure_training(method, stage: str, cfg, dm, device, steps: int, profile: b
     """
 
     from benchmarks.config import stage_settings
-    from benchmarks.efficiency import _autocast, _freeze_for, _sync
-    from lightning_modules.system import clip_by_player
+    from benchmarks.efficiency import _freeze_for, _sync
 
     settings = stage_settings(cfg, stage)
     bs = settings["batch_size"]
@@ -207,13 +220,7 @@ def measure_training(method, stage: str, cfg, dm, device, steps: int, profile: b
     it = iter(loader)
 
     def step(batch) -> None:
-        with _autocast(cfg, device):
-            loss = method.loss(stage, batch)["loss"]
-        loss.backward()
-        if clip > 0:
-            clip_by_player(opt, clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        training_step(method, stage, batch, opt, cfg, device, clip)
 
     def next_batch():
         try:

@@ -154,7 +154,9 @@ class EncodingCache:
     pipeline (random crops, random clip windows) is cached correctly: a different crop is a different row.
     The cache empties itself when `module` changes: a parameter written in place (an optimiser step, a
     loaded checkpoint), moved, or the module switched between train and eval mode. It never records
-    gradients: where autograd is on and `module` has trainable parameters, it calls `fn` directly.
+    gradients: where autograd is on and `module` has trainable parameters, it calls `fn` directly; and it
+    works on the CPU only (measured there): rows on a GPU go to `fn` directly and are counted as `not_on_cpu`,
+    since each key would copy the batch to the host and wait for it.
     """
 
     def __init__(self, max_mb: float) -> None:
@@ -165,6 +167,7 @@ class EncodingCache:
         self.rows: dict[bytes, tuple[bool, tuple[Tensor, ...]]] = {}  # key -> (fn gave one tensor, its rows)
         self.bytes = 0
         self.hits = self.misses = self.full = 0  # rows read, rows encoded, rows not kept (the cache was full)
+        self.elsewhere = 0  # rows on another device than the CPU, encoded without the cache
         self._state: tuple | None = None
 
     @staticmethod
@@ -184,12 +187,15 @@ class EncodingCache:
         self.bytes = 0
 
     def stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "not_kept": self.full, "rows": len(self.rows),
-                "mb": round(self.bytes / 2**20, 1)}
+        return {"hits": self.hits, "misses": self.misses, "not_kept": self.full, "not_on_cpu": self.elsewhere,
+                "rows": len(self.rows), "mb": round(self.bytes / 2**20, 1)}
 
     def __call__(self, x: Tensor, fn: Callable[[Tensor], Tensor | tuple[Tensor, ...]], module: nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
             return fn(x)  # a trained encoder: nothing to cache
+        if x.device.type != "cpu":  # not measured on a GPU, where each key would copy the batch to the host
+            self.elsewhere += len(x)
+            return fn(x)
         state = self.state(module)
         if state != self._state:
             self.clear()

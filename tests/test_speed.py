@@ -349,7 +349,8 @@ def test_encoding_cache_gives_the_encoders_outputs_and_encodes_each_distinct_row
     y = torch.cat([x[2:], torch.randn(2, 3)])
     y = torch.cat([y, y[3:]])  # a new row twice in one batch: encoded once
     got = cache(y, enc.encode, enc)
-    assert enc.rows == 6 and cache.stats() | {"mb": 0} == {"hits": 3, "misses": 6, "not_kept": 0, "rows": 6, "mb": 0}
+    assert enc.rows == 6
+    assert cache.stats() | {"mb": 0} == {"hits": 3, "misses": 6, "not_kept": 0, "not_on_cpu": 0, "rows": 6, "mb": 0}
     want = enc.net(y), y.sum(dim=1)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
@@ -427,3 +428,36 @@ def test_encoding_cache_keeps_every_stage_loss(name, stage):
         assert stats["misses"] > 0 and stats["hits"] > 0, stats  # PVDM draws new clip windows: some rows are new
     else:
         assert stats["misses"] == stats["hits"] == 0, f"{name}:{stage} encodes through the cache: add it to CACHED_STAGES"
+
+
+def test_encoding_cache_benchmark_times_the_stages_that_encode_through_the_cache(tmp_path):
+    from benchmarks import encoding_cache
+
+    rows = encoding_cache.main(["methods=cmd,vdm", "scale=test", "steps=1", f"out={tmp_path}"])
+    assert [(r["method"], r["stage"]) for r in rows] == [("cmd", "content"), ("cmd", "motion")]
+    assert all(r["seconds_new"] > 0 and r["seconds_cached"] > 0 for r in rows)
+    with open(tmp_path / "encoding_cache.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+def test_cmd_run_with_the_encoding_cache_reads_the_content_stages_clips_back_and_trains_the_same_weights(tmp_path):
+    """The motion stage's loader starts with the content stage's batches (the same seed): every clip is read back;
+    the weights are those of the run without the cache, bit for bit (the same batches are encoded once instead of
+    twice), and the row counts what each stage encoded and read."""
+    from benchmarks import run
+    from benchmarks.run_folder import RunFolder
+
+    def args(name: str, *extra: str) -> list[str]:
+        return ["method=cmd", "scale=test", f"runs_root={tmp_path / name}", f"results={tmp_path / 'results.jsonl'}",
+                f"cache_dir={tmp_path / name / 'cache'}", *extra]
+
+    plain = run.main(args("plain", "trainer.encoding_cache=0"))
+    cached = run.main(args("cached", "trainer.encoding_cache=64"))
+    assert plain["encoding_cache"] is None
+    assert cached["encoding_cache"]["content"] | {"mb": 0} == {"hits": 0, "misses": 4, "not_kept": 0, "not_on_cpu": 0,
+                                                              "rows": 4, "mb": 0}
+    assert cached["encoding_cache"]["motion"]["hits"] == 4 and cached["encoding_cache"]["motion"]["misses"] == 0
+    stages = METHODS["cmd"].stages
+    a = torch.load(RunFolder(plain["run_dir"]).final_checkpoint(stages), weights_only=True)
+    b = torch.load(RunFolder(cached["run_dir"]).final_checkpoint(stages), weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
