@@ -172,13 +172,14 @@ class EncodingCache:
 
     @staticmethod
     def state(module: nn.Module) -> tuple:
-        """What must not change while cached outputs stay valid: every parameter's storage and version, and the mode."""
+        """What must not change while cached outputs stay valid: every parameter's storage and version (the counter
+        PyTorch bumps on every in-place write), and the mode."""
         return (module.training, *((p.data_ptr(), p._version, p.dtype) for p in module.parameters()))
 
     @staticmethod
     def key(row: Tensor) -> bytes:
         data = row.detach().contiguous().cpu()
-        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"", digest_size=20)
+        digest = hashlib.blake2b(data.view(torch.uint8).numpy(), digest_size=20)  # hashed in place, no copy
         digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
         return digest.digest()
 
