@@ -128,11 +128,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     opts, rest, methods = started
     from tqdm.auto import tqdm
 
-    from benchmarks.machine import bf16_matmul_gflops, fp32_matmul_gflops
     from benchmarks.results import atomic_write_csv, atomic_write_text
+    from benchmarks.utilisation import peak_probe
 
     t0 = time.perf_counter()
-    note = {"bf16_matmul_gflops": bf16_matmul_gflops(1.5), "fp32_matmul_gflops": fp32_matmul_gflops(1.0)}
+    peak = peak_probe(2.5)
+    note = {"bf16_matmul_gflops": peak["bf16"], "fp32_matmul_gflops": peak["fp32"]}
     rows: list[dict] = []
     for m in tqdm(methods, desc="encoding cache", unit="method"):
         rows += measure_method(m, rest, opts["steps"])

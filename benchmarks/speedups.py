@@ -83,8 +83,7 @@ class Arm:
 
         from benchmarks.config import stage_settings
         from benchmarks.efficiency import _autocast, _freeze_for
-        from benchmarks.utilisation import _optimizer
-        from lightning_modules.system import clip_by_player
+        from benchmarks.utilisation import _optimizer, training_step
 
         method, cfg = self.method, self.cfg
         settings = stage_settings(cfg, stage)
@@ -102,14 +101,7 @@ class Arm:
                     with torch.no_grad(), _autocast(cfg, self.device):
                         compile_called(method, lambda: method.loss(stage, batch))
                     compiled[0] = True
-                with _autocast(cfg, self.device):
-                    loss = method.loss(stage, batch)["loss"]
-                loss.backward()
-            if clip > 0:
-                clip_by_player(opt, clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return float(loss.detach())
+                return training_step(method, stage, batch, opt, cfg, self.device, clip)
 
         return step
 

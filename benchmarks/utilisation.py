@@ -185,8 +185,9 @@ def data_path_before_fix(before: bool = True):
         shapes.RENDER_THREADS, batch.COLLATE_THREADS = saved
 
 
-def training_step(method, stage: str, batch, opt, cfg, device, clip: float) -> None:
-    """One optimiser step as the trainer takes it: the loss under the run's autocast, backward, clipping, AdamW."""
+def training_step(method, stage: str, batch, opt, cfg, device, clip: float) -> float:
+    """One optimiser step as the trainer takes it: the loss under the run's autocast, backward, clipping, AdamW;
+    returns the loss."""
     from benchmarks.efficiency import _autocast
     from lightning_modules.system import clip_by_player
 
@@ -197,6 +198,7 @@ def training_step(method, stage: str, batch, opt, cfg, device, clip: float) -> N
         clip_by_player(opt, clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
 
 
 def measure_training(method, stage: str, cfg, dm, device, steps: int, profile: bool = False,
