@@ -150,6 +150,18 @@ def _owners(method) -> dict[int, str]:
     return {id(mod): name for name, child in method.named_children() for mod in child.modules()}
 
 
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker: no hooks, every op counted under "Global"."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 @contextmanager
 def count_flops(owners: dict[int, str] | None = None, by_op: dict | None = None):
     """Count FLOPs inside the block; yields (counter, per-network dict filled as modules run).
@@ -172,6 +184,14 @@ def count_flops(owners: dict[int, str] | None = None, by_op: dict | None = None)
     stack: list[str] = []
 
     class Counter(FlopCounterMode):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            # torch's per-module split hooks every module's backward (register_multi_grad_hook), and those
+            # hooks break autograd.grad inside a counted loss (a GAN loss's adaptive weight: "A leaf node was
+            # passed to _will_engine_execute_node"); the split here is our own (forward hooks below), so
+            # every op counts towards "Global" alone
+            self.mod_tracker = _GlobalOnly()
+
         def _count_flops(self, func_packet, out, args, kwargs):
             before = self.flop_counts["Global"].get(func_packet, 0)
             result = super()._count_flops(func_packet, out, args, kwargs)

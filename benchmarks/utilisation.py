@@ -102,31 +102,19 @@ def _optimizer(method, stage: str, settings: dict, weight_decay: float):
                              weight_decay=weight_decay)
 
 
-def train_flops(method, stage: str, batch, cfg, device) -> int | None:
+def train_flops(method, stage: str, batch, cfg, device) -> int:
     """FLOPs of one forward + backward of `method.loss(stage, batch)` (a real step; gradients left in place).
 
-    None where the loss cannot be counted: it calls autograd.grad (PVDM's autoencoder with its PatchGAN).
+    A loss that takes a gradient inside (PVDM's PatchGAN weight calls autograd.grad) is counted too,
+    the gradients it takes included.
     """
     from benchmarks.efficiency import _autocast, count_flops
 
-    def step() -> None:
+    with count_flops() as (counter, _):
         with _autocast(cfg, device):
             loss = method.loss(stage, batch.to(device))["loss"]
         loss.backward()
-
-    try:
-        with count_flops() as (counter, _):
-            step()
-        return counter.get_total_flops()
-    except RuntimeError as e:
-        # torch's FLOP counter tracks modules with backward hooks, which autograd.grad refuses (a loss that
-        # takes a gradient inside, as the adaptive weight of a GAN loss does): the step runs uncounted
-        if "autograd.grad" not in str(e):
-            raise
-        for p in method.parameters():
-            p.grad = None
-        step()
-        return None
+    return counter.get_total_flops()
 
 
 def profile_split(fn) -> dict:
@@ -255,9 +243,9 @@ def measure_training(method, stage: str, cfg, dm, device, steps: int, profile: b
                 f"data_seconds{suffix}": statistics.median(waits), f"data_share{suffix}": sum(waits) / sum(totals)}
 
     row = {"part": f"train:{stage}", "kind": "train", "stage": stage, "batch_size": bs,
-           "gflops": None if flops is None else flops / 1e9, **summary(*timed["after"]), "repeats": steps,
+           "gflops": flops / 1e9, **summary(*timed["after"]), "repeats": steps,
            "params": method.num_parameters(stage),
-           "flops_method": "real step, counted" if flops is not None else "not counted: the loss calls autograd.grad"}
+           "flops_method": "real step, counted"}
     if data_ab:
         row.update(summary(*timed["before"], "_before"))
     if profile:
@@ -382,10 +370,6 @@ def with_fractions(rows: list[dict], peak: dict) -> list[dict]:
         if "error" in r:
             continue
         p = peak[r["peak_kind"]]
-        if r["gflops"] is None:  # not counted: times only
-            r.update(gflops_per_s=None, compute_gflops_per_s=None, peak_gflops_per_s=p, fraction_of_peak=None,
-                     best_fraction=None, compute_fraction=None)
-            continue
         r["gflops_per_s"] = r["gflops"] / r["seconds"] if r["seconds"] else None
         r["compute_gflops_per_s"] = r["gflops"] / r["compute_seconds"] if r["compute_seconds"] else None
         r["peak_gflops_per_s"] = p
