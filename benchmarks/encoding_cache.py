@@ -91,8 +91,6 @@ def measure_method(name: str, overrides: list[str], steps: int) -> list[dict]:
                      "speedup": a / b if b > 0 else None, "encoder_share": (a - b) / a if a > 0 else None,
                      "pairs": steps, "cache_mb_per_clip": cache.bytes / max(1, len(cache.rows)) / 2**20,
                      "precision": cfg.trainer.precision, "scale": cfg.scale})
-        for p in method.parameters():
-            p.requires_grad_(True)
     return rows
 
 
