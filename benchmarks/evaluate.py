@@ -95,6 +95,7 @@ def run_dir_dataset(run_dir: Path, saved) -> str:
 
 def evaluate_checkpoint(cfg, checkpoint: Path | None, run_dir: Path | None) -> dict:
     from benchmarks.common import build_datamodule, build_method, data_spec
+    from benchmarks.efficiency import sample_gflops
     from benchmarks.run_folder import RunFolder
     from evaluation.protocol import evaluate_method
 
@@ -105,7 +106,8 @@ def evaluate_checkpoint(cfg, checkpoint: Path | None, run_dir: Path | None) -> d
     if torch.cuda.is_available():
         method = method.cuda()
     out = evaluate_method(method, dm, cfg)
-    return {"method": cfg.method.name, "dataset": cfg.dataset.name, "checkpoint": str(path), **out}
+    return {"method": cfg.method.name, "dataset": cfg.dataset.name, "checkpoint": str(path), **out,
+            "gflops_per_video": sample_gflops(cfg, dm)}  # of these sampler settings (a re-evaluation may change them)
 
 
 def _label_of(name: str, class_names: list[str]) -> int | None:
@@ -227,6 +229,15 @@ def _reevaluated_config(stored: dict, cfg) -> dict:
     return {"config": wanted, "config_sha256": config_hash(wanted)}
 
 
+def _reevaluated_cost(row: dict, cfg) -> dict:
+    """A re-evaluation under another config: the run's sampler fields and its sampling seconds per video belong to
+    the run's settings, so the row takes this config's settings and the evaluation's own seconds per video
+    (`gflops_per_video` comes from the evaluation row)."""
+    from benchmarks.run import sampling_fields
+
+    return {**sampling_fields(cfg), "sample_seconds_per_video": row.get("eval_sample_seconds_per_video")}
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or any(a in ("-h", "--help") for a in argv):
@@ -269,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
         if stored is not None:  # a re-evaluation: the run's own fields, the new scores; it replaces the run's row
             from datetime import datetime
 
-            row = {**stored, **row, **extra, **_reevaluated_config(stored, cfg),
+            changed = _reevaluated_config(stored, cfg)
+            row = {**stored, **row, **extra, **changed, **(_reevaluated_cost(row, cfg) if changed else {}),
                    "reevaluation_of": stored.get("run_dir", own["run"]), "time": datetime.now().isoformat(timespec="seconds")}
         append_row(cfg.results, {**row, **extra})
     print(json.dumps(row, indent=2, default=str))

@@ -143,10 +143,11 @@ def linear_probe(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor,
 
 
 @torch.no_grad()
-def generation_probe(method, cfg, val: dict, n: int, batch: int = 16) -> dict:
+def generation_probe(method, cfg, val: dict, n: int, batch: int = 16, class_names: list[str] | None = None) -> dict:
     """Where conditional accuracy is lost: the shapes evaluator's motion-class accuracy on decodes of
     (real content, real z) = reconstruction, (real content, generated z), (generated content, real z)
-    and (generated content, generated z) = a sample, for held-out clips and their labels.
+    and (generated content, generated z) = a sample, for held-out clips and their labels; under
+    "per_class", each pair's accuracy per class (keyed by `class_names` where given): which motions a model loses.
 
     Generated parts use the run's samplers, steps and guidance (Algorithm 1); "generated z" is
     conditioned on the real content frame in the second pair and on the generated one in the last.
@@ -161,11 +162,15 @@ def generation_probe(method, cfg, val: dict, n: int, batch: int = 16) -> dict:
     def motion(cond, content):
         return method.sample_motion(cond, content, steps=m_steps, guidance=w_m, generator=g)
 
-    hits = {k: 0 for k in ("real_content_real_z", "real_content_generated_z", "generated_content_real_z",
-                           "generated_content_generated_z")}
+    pair_names = ("real_content_real_z", "real_content_generated_z", "generated_content_real_z",
+                  "generated_content_generated_z")
+    classes = method.data.num_classes
+    hits = {k: torch.zeros(classes, dtype=torch.long) for k in pair_names}  # per class
+    counts = torch.zeros(classes, dtype=torch.long)
     for start in range(0, n, batch):
         video, label = val["video"][start:start + batch], val["label"][start:start + batch]
         cond = Conditioning(label=label)
+        counts += torch.bincount(label, minlength=classes)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             c_real, z_real = method.encode(video)
             c_gen = method.content.sample(len(video), cond, steps=c_steps, guidance=w_c, generator=g)
@@ -174,9 +179,13 @@ def generation_probe(method, cfg, val: dict, n: int, batch: int = 16) -> dict:
                      "generated_content_generated_z": (c_gen, motion(cond, c_gen))}
             for key, (c, z) in pairs.items():
                 decoded = method.from_space(method.autoencoder.decode(c, z)).float()
-                hits[key] += int((det.probs(decoded).argmax(-1) == label).sum())
-    total = min(n, len(val["video"]))
-    return {k: v / total for k, v in hits.items()} | {"n": total}
+                right = det.probs(decoded).argmax(-1) == label
+                hits[key] += torch.bincount(label[right], minlength=classes)
+    total = int(counts.sum())
+    names = class_names if class_names is not None and len(class_names) == classes else [str(c) for c in range(classes)]
+    per_class = {k: {names[c]: (int(h[c]) / int(counts[c]) if counts[c] else None) for c in range(classes)}
+                 for k, h in hits.items()}
+    return {k: int(h.sum()) / total for k, h in hits.items()} | {"n": total, "per_class": per_class}
 
 
 def sampling_cost(method: VideoGenerator, cfg, batch: int) -> dict:
@@ -233,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
             report["content_probe"] = content_probe(train, val, val_content, int(opts.get("probe_steps", 300)))
             report["motion_probe"]["z_color_acc"] = linear_probe(train_z, train["color"], val_z, val["color"])
         if "n_generate" in opts and cmd.data.num_classes:
-            report["motion_class_accuracy"] = generation_probe(cmd, cfg, val, int(opts["n_generate"]))
+            report["motion_class_accuracy"] = generation_probe(cmd, cfg, val, int(opts["n_generate"]),
+                                                               class_names=getattr(dm, "class_names", None))
         report["probe_seconds"] = time.perf_counter() - t0
         cost_overrides = [f"scale={cfg.scale}", f"dataset={cfg.dataset.name}"]
     else:

@@ -653,6 +653,16 @@ def _log_grid(run_dir: Path, grid: Path) -> None:
 REFERENCE_BF16_GFLOPS = 570.0  # the quiet 2-core machine the README's first figures come from
 
 
+def sampling_fields(cfg) -> dict:
+    """The results row's sampler settings (a re-evaluation with other ones, `benchmarks.evaluate`, rewrites them)."""
+    return {
+        "sampler": cfg.method.diffusion.sampler if "diffusion" in cfg.method else None,
+        "steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "eta": cfg.sample.eta,
+        # a method's own per-model sampler settings (e.g. CMD's content/motion steps and guidance) override the above
+        "method_sampling": to_container(cfg.method.sampling) if "sampling" in cfg.method else None,
+    }
+
+
 def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wall: float, run_dir: Path) -> dict:
     from evaluation.grid import task_of
 
@@ -667,10 +677,7 @@ def results_row(cfg, method, dm, stages: dict, metrics: dict, sample_seconds, wa
         # what is generated from what: numbers of two tasks are never compared (benchmarks.leaderboard)
         "task": task_of(to_container(cfg.method), method.image_to_video), "image_to_video": method.image_to_video,
         "resolution": ds.resolution, "frames": ds.frames, "stride": ds.stride,
-        "sampler": cfg.method.diffusion.sampler if "diffusion" in cfg.method else None,
-        "steps": cfg.sample.steps, "guidance": cfg.sample.guidance, "eta": cfg.sample.eta,
-        # a method's own per-model sampler settings (e.g. CMD's content/motion steps and guidance) override the above
-        "method_sampling": to_container(cfg.method.sampling) if "sampling" in cfg.method else None,
+        **sampling_fields(cfg),
         "ema": cfg.optim.ema_decay > 0, "ema_decay": cfg.optim.ema_decay, "precision": cfg.trainer.precision,
         "params": method.num_parameters(), "stage_params": {s: r["params"] for s, r in stages.items()},
         "train_seconds": train_seconds, **budget_fields(cfg.trainer.get("time_budget"), train_seconds),

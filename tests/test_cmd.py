@@ -240,11 +240,21 @@ def test_generation_probe_attributes_accuracy_and_its_reconstruction_pair_is_rec
     torch.manual_seed(0)
     method = build_method(cfg, data_spec(cfg, dm)).eval()
     val = clips(dm, "val", 6)
-    out = generation_probe(method, cfg, val, 6, batch=4)
-    assert out["n"] == 6 and all(0 <= out[k] <= 1 for k in out if k != "n")
+    names = [f"class{c}" for c in range(method.data.num_classes)]
+    out = generation_probe(method, cfg, val, 6, batch=4, class_names=names)
+    assert out["n"] == 6 and all(0 <= out[k] <= 1 for k in out if k not in ("n", "per_class"))
     det = load_detector("shapes")
-    expected = (det.probs(method.reconstruct(val["video"])).argmax(-1) == val["label"]).float().mean().item()
-    assert out["real_content_real_z"] == pytest.approx(expected)
+    right = det.probs(method.reconstruct(val["video"])).argmax(-1) == val["label"]
+    assert out["real_content_real_z"] == pytest.approx(right.float().mean().item())
+    # per class: the same decodes, split by the clips' labels (a class without clips is None)
+    per_class = out["per_class"]["real_content_real_z"]
+    assert list(per_class) == names
+    for c, name in enumerate(names):
+        mine = right[val["label"] == c]
+        assert per_class[name] == (None if len(mine) == 0 else pytest.approx(mine.float().mean().item()))
+    for pair, acc in out["per_class"].items():  # the pairs' overall accuracy is their per-class accuracy, weighted
+        weighted = sum(a * int((val["label"] == c).sum()) for c, a in enumerate(acc.values()) if a is not None) / 6
+        assert out[pair] == pytest.approx(weighted)
 
 
 # --- content.arch = dit: the official UCF-101 content model (a DiT from scratch) ----------------------------

@@ -150,6 +150,15 @@ def test_a_finished_run_is_not_appended_twice_and_points_to_re_evaluation(tmp_pa
     entries = leaderboard.aggregate(leaderboard.select(rows))
     assert sorted(e.swept["sample.guidance"] for e in entries) == sorted([first["guidance"], 3.5])
     assert "sample.guidance" in leaderboard.to_markdown(entries)
+    # with other sampler steps the row's cost is that of its own steps, not the run's: FLOPs fall with the steps
+    # (the decoder-free VDM: in proportion), and the seconds per video are the re-evaluation's own
+    steps = first["steps"]
+    evaluate.main([f"run={folder.path}", "append=true", f"sample.steps={2 * steps}"])
+    row = _rows(tmp_path)[3]
+    assert row["steps"] == 2 * steps and row["config"]["sample"]["steps"] == 2 * steps
+    assert row["gflops_per_video"] == pytest.approx(2 * first["gflops_per_video"], rel=1e-6)
+    assert row["sample_seconds_per_video"] == row["eval_sample_seconds_per_video"] != first["sample_seconds_per_video"]
+    assert rows[1]["gflops_per_video"] == pytest.approx(first["gflops_per_video"])  # the same settings, the same cost
 
 
 # --- checks before the first training step -----------------------------------------------------------
