@@ -286,7 +286,10 @@ def dpmpp_2m_sample(model: Model, x_T: Tensor, alpha_bar: Tensor, steps: int, *,
     DPMSolverMultistepScheduler. clip_x0 clamps each x0 estimate, as for DDIM.
     """
     timesteps = ddim_timesteps(len(alpha_bar), steps).tolist()
-    ab = alpha_bar.double().cpu()
+    # on the meta device (FLOPs traced without weights, benchmarks.efficiency) the schedule has no values; the work
+    # does not depend on them, so any decreasing schedule stands in
+    ab = (torch.linspace(0.9999, 1e-4, len(alpha_bar), dtype=torch.float64) if alpha_bar.is_meta
+          else alpha_bar.double().cpu())
     x, previous, h_previous = x_T, None, None
     for i in _progress(range(len(timesteps)), progress, "DPM-Solver++(2M)"):
         s = timesteps[i]

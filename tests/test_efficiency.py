@@ -95,6 +95,19 @@ def test_every_sampling_step_and_the_cfg_batch_are_counted():
         assert eff._flops(build, cfg, cond, {}, [], None)["sample"]["total"] == steps * per_step
 
 
+def test_the_second_order_sampler_is_counted_on_meta_as_ddim_with_its_network_calls():
+    """DPM-Solver++(2M) reads the schedule's values, which the meta device lacks; it calls the network once a step
+    as DDIM does, so the results row's traced GFLOPs are DDIM's (they were None: a cost figure never fails a run)."""
+    from benchmarks.common import build_datamodule
+    from benchmarks.config import load_config
+
+    flops = {}
+    for sampler in ("ddim", "dpmpp2m"):
+        cfg = load_config(["method=vdm", "scale=test", f"method.diffusion.sampler={sampler}", "sample.steps=3"])
+        flops[sampler] = eff.sample_gflops(cfg, build_datamodule(cfg))
+    assert flops["ddim"] > 0 and flops["dpmpp2m"] == pytest.approx(flops["ddim"])
+
+
 def test_peak_memory_sees_an_allocation_freed_inside_the_block():
     with eff.PeakMemory(torch.device("cpu")) as mem:
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
