@@ -126,7 +126,7 @@ def test_shares_the_image_prior_cache_key_with_cmd():
         method = build_method(cfg, data_spec(cfg, build_datamodule(cfg)))
         return shared_stage_cache(cfg, method, "image_prior", stage_settings(cfg, "image_prior"))
 
-    as_cmd = ("method.image_prior.diffusion.snr_shift=1", "stages.image_prior.max_steps=250")
+    as_cmd = ("method.image_prior.diffusion.snr_shift=1", "stages.image_prior.max_steps=150")
     assert key("method=cmd") == key("method=videofusion", *as_cmd), "CMD and VideoFusion must reuse one prior"
     assert key("method=cmd") != key("method=videofusion")
     eps = ("method.image_prior.diffusion.objective=eps", "method.image_prior.diffusion.schedule=linear")
