@@ -150,7 +150,7 @@ def test_a_finished_run_is_not_appended_twice_and_points_to_re_evaluation(tmp_pa
     entries = leaderboard.aggregate(leaderboard.select(rows))
     assert sorted(e.swept["sample.guidance"] for e in entries) == sorted([first["guidance"], 3.5])
     assert "sample.guidance" in leaderboard.to_markdown(entries)
-    # with other sampler steps the row's cost is that of its own steps, not the run's: FLOPs fall with the steps
+    # with other sampler steps the row's cost is that of its own steps, not the run's: FLOPs follow the steps
     # (the decoder-free VDM: in proportion), and the seconds per video are the re-evaluation's own
     steps = first["steps"]
     evaluate.main([f"run={folder.path}", "append=true", f"sample.steps={2 * steps}"])
