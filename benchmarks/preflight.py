@@ -172,9 +172,18 @@ class StagePlan:
     steps: int
     batch_size: int
     params: int
-    step_seconds: float | None = None  # forward + backward of one batch in the dry pass
+    step_seconds: float | None = None  # forward + backward of one batch in the dry pass, frozen encoders running
     data_seconds: float = 0.0  # loading that batch (on the critical path with data.num_workers=0)
     measured_batch: int | None = None  # the dry pass's batch (check_batch may cap it)
+    cached_seconds: float | None = None  # the same step reading the frozen encoders' outputs from the encoding cache
+    miss_share: float = 1.0  # of the stage's encodings, the share expected to miss the cache (`miss_share`)
+
+    @property
+    def mean_step_seconds(self) -> float | None:
+        """Forward + backward of one batch over the stage: encoding steps and cached steps in their expected mix."""
+        if self.cached_seconds is None or not self.step_seconds:
+            return self.step_seconds
+        return self.cached_seconds + self.miss_share * max(0.0, self.step_seconds - self.cached_seconds)
 
     @property
     def estimate(self) -> float:
@@ -182,7 +191,25 @@ class StagePlan:
         if self.status != "train" or not self.step_seconds:
             return 0.0
         scale = self.batch_size / (self.measured_batch or self.batch_size)
-        return self.steps * (self.step_seconds + self.data_seconds) * scale
+        return self.steps * (self.mean_step_seconds + self.data_seconds) * scale
+
+
+def miss_share(draws: int, items: int, covered: float, kept: float) -> tuple[float, float]:
+    """(share of a stage's encodings that miss the encoding cache, share of the items cached after the stage).
+
+    draws: items the stage trains on (steps x batch); items: the training set's size; covered: the share of the
+    items already cached when the stage starts, the first ones of an epoch (the stage before it encoded them through
+    the same frozen encoder, and every stage's loader draws the items in the same order: the run's seed); kept: the
+    share of an epoch's encodings the cache can hold. A first pass over the items encodes every item not yet
+    cached; later passes read back what the cache kept. An item is assumed to give the same rows every epoch (fixed
+    clip windows, no random crops, as the embedded data): with random crops every step encodes, and the mean step
+    is the dry pass's `step_seconds`.
+    """
+    if draws <= 0 or items <= 0:
+        return 1.0, covered
+    first = min(draws, items)
+    misses = max(0.0, first - covered * items) + (draws - first) * (1.0 - kept)
+    return misses / draws, min(kept, max(covered, first / items))
 
 
 @dataclasses.dataclass
@@ -205,13 +232,18 @@ class Plan:
         lines = [f"{'stage':<22}{'status':<9}{'steps':>8}{'batch':>7}{'params':>10}{'s/step':>11}{'data s':>8}"
                  f"{'estimate':>11}"]
         for s in self.stages:
-            step = f"{s.step_seconds:.3f}" if s.step_seconds else "-"
+            step = f"{s.mean_step_seconds:.3f}" if s.step_seconds else "-"
             if s.step_seconds and s.measured_batch != s.batch_size:
                 step += f"@{s.measured_batch}"
             data = f"{s.data_seconds:.3f}" if s.step_seconds else "-"
             est = _duration(s.estimate) if s.status == "train" else "-"
             lines.append(f"{s.stage:<22}{s.status:<9}{s.steps:>8}{s.batch_size:>7}{s.params / 1e6:>9.2f}M{step:>11}"
                          f"{data:>8}{est:>11}")
+        for s in self.stages:
+            if s.status == "train" and s.cached_seconds is not None:
+                lines.append(f"{s.stage}: {s.step_seconds:.3f} s a step encoding through its frozen encoder, "
+                             f"{s.cached_seconds:.3f} s reading the encoding cache; {s.miss_share:.0%} of its steps "
+                             "expected to encode (s/step above: the mix)")
         lines.append(f"training, estimated: {_duration(self.train_estimate)} (steps x (forward + backward + loading of "
                      f"one batch); optimiser and logging not included)")
         lines.append(f"sampling, rough: {_duration(self.sample_estimate)} ({self.num_videos} videos x "
@@ -233,15 +265,18 @@ def _one_batch(dm, batch_size: int, seed: int):
     return next(iter(loader))
 
 
-def _time_loss(method, stage: str, batch, autocast: bool, device) -> float:
-    """Seconds of one forward + backward of `stage`'s loss: the best of two calls after a warm-up call (the
-    first call builds the kernels and can take 10x a step); a single call when even that one is slow."""
+def _time_loss(method, stage: str, batch, autocast: bool, device, warm_up: bool = True) -> tuple[float, int]:
+    """(seconds of one forward + backward of `stage`'s loss, calls made): the best of two calls after a warm-up
+    call (the first call builds the kernels and can take 10x a step); a single call when even that one is slow.
+    warm_up=False: the kernels are built already (the stage was timed before), the best of two calls."""
     trainable = {id(p) for p in method.stage_parameters(stage)}
     for p in method.parameters():
         p.requires_grad_(id(p) in trainable)
     best = float("inf")
+    calls = 0
     try:
-        for attempt in range(3):
+        for attempt in range(0 if warm_up else 1, 3):
+            calls += 1
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = method.loss(stage, batch)["loss"]
@@ -258,7 +293,7 @@ def _time_loss(method, stage: str, batch, autocast: bool, device) -> float:
         for p in method.parameters():
             p.grad = None
             p.requires_grad_(True)
-    return best
+    return best, calls
 
 
 @torch.no_grad()
@@ -289,6 +324,32 @@ def _time_sampling(cfg: DictConfig, method, dm, autocast: bool, device) -> tuple
     return seconds / max(1, len(step_fields)), model_steps
 
 
+def _time_encoding(cfg: DictConfig, method, dm, stage: str, batch, plan: StagePlan, seen: tuple[int, int] | None,
+                   calls: int, carried: float | None, autocast: bool) -> float | None:
+    """When `stage`'s loss read a frozen encoder through the encoding cache, the timed calls after the first read
+    back the first call's encodings: a step of a later epoch. Time the step again with the cache off (a first
+    epoch's step: plan.step_seconds; the cached one becomes plan.cached_seconds) and set the stage's expected
+    share of encoding steps (plan.miss_share). Returns what the next stage inherits: the share of the items
+    cached, or None when this stage did not use the cache."""
+    cache = method.encoding_cache
+    if seen is None or cache.hits + cache.misses == sum(seen):
+        return None
+    hits, fresh = cache.hits - seen[0], cache.misses - seen[1]  # fresh == 0: an earlier stage encoded these rows
+    plan.cached_seconds = plan.step_seconds
+    method.encoding_cache = None
+    try:
+        plan.step_seconds, _ = _time_loss(method, stage, batch, autocast, method.device, warm_up=False)
+    finally:
+        method.encoding_cache = cache
+    per_item = (hits + fresh) / calls / len(batch)
+    covered = carried if carried is not None and fresh == 0 else 0.0
+    row_bytes = cache.bytes / max(1, len(cache.rows))
+    items = len(dm.dataset("train")) // (world_size(cfg) or 1)
+    kept = min(1.0, cache.max_bytes / max(1.0, row_bytes * per_item * items)) if cache.rows else 0.0
+    plan.miss_share, covered = miss_share(plan.steps * plan.batch_size, items, covered, kept)
+    return covered
+
+
 def dry_pass(cfg: DictConfig, method, dm, status: dict[str, str], max_batch: int | None = None) -> Plan:
     """One loss step per stage still to train and one sampling step at batch 1, timed; nothing is stored.
 
@@ -302,6 +363,8 @@ def dry_pass(cfg: DictConfig, method, dm, status: dict[str, str], max_batch: int
     was_training = method.training
     method.train()
     stages = []
+    cache = getattr(method, "encoding_cache", None)
+    carried = None  # the share of the items cached after the stage before, when it read the cache
     for stage in method.stages:
         st = stage_settings(cfg, stage)
         plan = StagePlan(stage, status[stage], st["max_steps"], st["batch_size"], method.num_parameters(stage))
@@ -311,11 +374,15 @@ def dry_pass(cfg: DictConfig, method, dm, status: dict[str, str], max_batch: int
                 t_data = time.perf_counter()
                 batch = _one_batch(dm, plan.measured_batch, cfg.seed).to(device)
                 plan.data_seconds = time.perf_counter() - t_data if cfg.data.num_workers == 0 else 0.0
-                plan.step_seconds = _time_loss(method, stage, batch, autocast, device)
+                seen = (cache.hits, cache.misses) if cache is not None else None
+                plan.step_seconds, calls = _time_loss(method, stage, batch, autocast, device)
+                carried = _time_encoding(cfg, method, dm, stage, batch, plan, seen, calls, carried, autocast)
             except Exception as e:
                 raise RuntimeError(f"dry pass: stage {stage!r} fails before training ({type(e).__name__}: {e}); "
                                    f"shape: dataset.resolution={cfg.dataset.resolution}, "
                                    f"dataset.frames={cfg.dataset.frames}") from e
+        else:
+            carried = None  # a stage loaded from disk encodes nothing in this process
         stages.append(plan)
     method.eval()
     try:

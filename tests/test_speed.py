@@ -430,6 +430,44 @@ def test_encoding_cache_keeps_every_stage_loss(name, stage):
         assert stats["misses"] == stats["hits"] == 0, f"{name}:{stage} encodes through the cache: add it to CACHED_STAGES"
 
 
+def test_miss_share_counts_a_first_pass_of_encodings_then_what_the_cache_could_not_keep():
+    from benchmarks.preflight import miss_share
+
+    assert miss_share(100, 100, 0.0, 1.0) == (1.0, 1.0)  # one pass over the items: every step encodes
+    assert miss_share(400, 100, 0.0, 1.0) == (0.25, 1.0)  # four passes, everything kept: the first encodes
+    assert miss_share(400, 100, 0.0, 0.0) == (1.0, 0.0)  # nothing kept: every pass encodes
+    assert miss_share(400, 100, 0.0, 0.5) == pytest.approx((0.625, 0.5))  # 100 + 300 x 0.5 of 400
+    assert miss_share(50, 100, 0.8, 1.0) == (0.0, 0.8)  # the stage before cached the first 80 items: read back
+    assert miss_share(200, 100, 0.8, 1.0) == pytest.approx((0.1, 1.0))  # ... then 20 new ones, then one more pass
+    assert miss_share(0, 100, 0.3, 1.0) == (1.0, 0.3)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_dry_pass_times_a_cached_stage_encoding_and_reading_back(name):
+    """A stage reading a frozen encoder through the cache is timed both ways; the plan's step is their mix by the
+    expected share of encoding steps. CMD's motion stage reads the clips its content stage encoded."""
+    from benchmarks.preflight import dry_pass, miss_share
+
+    cfg = load_config([f"method={name}", "scale=test", "trainer.encoding_cache=64"])
+    dm = build_datamodule(cfg)
+    method = build_method(cfg, data_spec(cfg, dm))
+    plan = dry_pass(cfg, method, dm, {s: "train" for s in method.stages})
+    assert method.encoding_cache is not None  # put back after the timing without it
+    for sp in plan.stages:
+        cached = (name, sp.stage) in CACHED_STAGES
+        assert (sp.cached_seconds is not None) == cached, (name, sp.stage)
+        assert sp.step_seconds > 0 and (not cached or sp.cached_seconds > 0)
+        lo, hi = sorted((sp.step_seconds, sp.cached_seconds if cached else sp.step_seconds))
+        assert lo <= sp.mean_step_seconds <= hi
+        assert 0.0 <= sp.miss_share <= 1.0 and (cached or sp.miss_share == 1.0)
+    if name == "cmd":
+        items = len(dm.dataset("train"))
+        content, motion = plan.stages[2], plan.stages[3]
+        alone, _ = miss_share(motion.steps * motion.batch_size, items, 0.0, 1.0)
+        assert alone == 1.0 and motion.miss_share == 0.0  # it reads back the content stage's first batches
+        assert f"{content.miss_share:.0%} of its steps expected to encode" in plan.table()
+
+
 def test_encoding_cache_benchmark_times_the_stages_that_encode_through_the_cache(tmp_path):
     from benchmarks import encoding_cache
 
