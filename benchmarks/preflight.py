@@ -268,7 +268,8 @@ def _one_batch(dm, batch_size: int, seed: int):
 def _time_loss(method, stage: str, batch, autocast: bool, device, warm_up: bool = True) -> tuple[float, int]:
     """(seconds of one forward + backward of `stage`'s loss, calls made): the best of two calls after a warm-up
     call (the first call builds the kernels and can take 10x a step); a single call when even that one is slow.
-    warm_up=False: the kernels are built already (the stage was timed before), the best of two calls."""
+    warm_up=False: the kernels are built already (the stage was timed before), the best of two calls (one when
+    slow)."""
     trainable = {id(p) for p in method.stage_parameters(stage)}
     for p in method.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -285,9 +286,9 @@ def _time_loss(method, stage: str, batch, autocast: bool, device, warm_up: bool 
                                  "method's settings")
             loss.backward()
             best = min(best, time.perf_counter() - t0)
+            if best > 30.0 and (attempt == 0 or not warm_up):  # paper-scale steps on a CPU: one call is the measure
+                break
             if attempt == 0:
-                if best > 30.0:  # paper-scale steps on a CPU: the warm-up share is small, don't pay it thrice
-                    break
                 best = float("inf")  # the warm-up call does not count
     finally:
         for p in method.parameters():
