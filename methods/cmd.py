@@ -57,6 +57,7 @@ class ContentConfig:
     arch: str = "prior"
     dit: DiTConfig = field(default_factory=DiTConfig)  # content.arch=dit: the trunk (DiT-L: 1024 wide, 24 deep, 16 heads)
     patch: int = 2  # content.arch=dit: the content frame is cut into patch x patch tokens (DiT-L/2: 2)
+    latent_repeats: int | None = None  # noise draws per encoded clip in the content stage; None: method.latent_repeats
 
 
 @dataclass
@@ -313,6 +314,9 @@ class CMD(VideoGenerator):
             raise ValueError(f"method.space must be 'pixel' or 'latent', got {cfg.space!r}")
         if cfg.content.arch not in ("prior", "dit"):
             raise ValueError(f"method.content.arch must be 'prior' or 'dit', got {cfg.content.arch!r}")
+        for key, r in (("method.latent_repeats", cfg.latent_repeats), ("method.content.latent_repeats", cfg.content.latent_repeats)):
+            if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+                raise ValueError(f"{key} must be a whole number >= 1 (noise draws per encoded clip), got {r!r}")
         if cfg.content.arch == "dit" and cfg.content.init != "scratch":
             raise ValueError("method.content.arch=dit trains the content DiT from scratch (the image prior is a UNet): "
                              "set method.content.init=scratch")
@@ -411,6 +415,8 @@ class CMD(VideoGenerator):
             return self.autoencoder_loss(x, self.autoencoder(x), self.autoencoder.unpatch.weight)
         content, z = self.frozen_encode(self.encode, video, self.autoencoder)  # the frozen autoencoder on real clips
         r = self.cfg.latent_repeats
+        if stage == "content" and self.cfg.content.latent_repeats is not None:
+            r = self.cfg.content.latent_repeats
         if r > 1:
             content, z, cond = content.repeat_interleave(r, 0), z.repeat_interleave(r, 0), repeat_conditioning(cond, r)
         if stage == "content":

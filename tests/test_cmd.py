@@ -207,6 +207,24 @@ def test_sampling_step_counts():
     assert calls == {"content": 4, "motion": 8}
 
 
+@pytest.mark.parametrize(("repeats", "content_repeats", "seen"), [
+    (1, None, {"content": 4, "motion": 4}),
+    (3, None, {"content": 12, "motion": 12}),
+    (3, 1, {"content": 4, "motion": 12}),
+    (1, 2, {"content": 8, "motion": 4}),
+])
+def test_latent_repeats_per_stage(repeats, content_repeats, seen):
+    """latent_repeats draws that many noises per encoded clip; content.latent_repeats overrides it for content only."""
+    cmd = CMD(tiny_config(latent_repeats=repeats, **{"content.latent_repeats": content_repeats}), DATA)
+    rows = {}
+    cmd.content.denoiser.backbone.register_forward_hook(lambda m, a, out: rows.__setitem__("content", out.shape[0]))
+    cmd.motion.net.register_forward_hook(lambda m, a, out: rows.__setitem__("motion", out.shape[0]))
+    batch = shapes_batch(4)
+    for stage in ("content", "motion"):
+        assert torch.isfinite(cmd.loss(stage, batch)["loss"])
+    assert rows == seen
+
+
 def test_text_conditioning():
     cfg = tiny_config(**{"image_prior.conditioning": "text", "motion.conditioning": "text", "content.init": "scratch"})
     cmd = CMD(cfg, DATA)
@@ -224,6 +242,9 @@ def test_bad_options_name_the_key():
         CMD(tiny_config(**{"autoencoder.content": "median"}), DATA)
     with pytest.raises(ValueError, match="space=latent"):
         CMD(tiny_config(space="latent"), DATA)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="method.content.latent_repeats"):
+            CMD(tiny_config(**{"content.latent_repeats": bad}), DATA)
     with pytest.raises(ValueError, match="autoencoder.patch"):
         CMD(tiny_config(**{"autoencoder.patch": 3}), DATA).loss("autoencoder", shapes_batch())
 
