@@ -314,7 +314,8 @@ class CMD(VideoGenerator):
             raise ValueError(f"method.space must be 'pixel' or 'latent', got {cfg.space!r}")
         if cfg.content.arch not in ("prior", "dit"):
             raise ValueError(f"method.content.arch must be 'prior' or 'dit', got {cfg.content.arch!r}")
-        for key, r in (("method.latent_repeats", cfg.latent_repeats), ("method.content.latent_repeats", cfg.content.latent_repeats)):
+        repeats = {"method.latent_repeats": cfg.latent_repeats, "method.content.latent_repeats": cfg.content.latent_repeats}
+        for key, r in repeats.items():
             if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
                 raise ValueError(f"{key} must be a whole number >= 1 (noise draws per encoded clip), got {r!r}")
         if cfg.content.arch == "dit" and cfg.content.init != "scratch":
