@@ -14,6 +14,7 @@ UNET_CONFIGS = ("method.unet", "method.image_prior.unet", "method.residual.unet"
 # default, so the hashes of configs written before them (done sweep jobs, finished runs) stay what they were.
 ABSENT_AT_DEFAULT = {"trainer.time_budget": None, "trainer.compile": False, "trainer.channels_last": False,
                      "trainer.attention": "auto", "optim.lr_decay": "none", "optim.lr_decay_start": 0.0,
+                     "method.content.latent_repeats": None,
                      **{f"{at}.min_snr_gamma": 0.0 for at in DIFFUSION_CONFIGS},
                      **{f"{at}.snr_shift": 1.0 for at in DIFFUSION_CONFIGS},
                      **{f"{at}.temporal_attention": [] for at in UNET_CONFIGS}}
