@@ -285,6 +285,45 @@ def merge_overrides(cfg: DictConfig, overrides: DictConfig | list[str], source: 
     return cfg
 
 
+def saved_run_config(saved: DictConfig, dataset: str, source: str) -> tuple[DictConfig, dict[str, tuple]]:
+    """A run folder's saved config on today's layers, and the `method.*` keys it predates.
+
+    A saved config is complete when written, so a `method.*` key it lacks was added to the code later. Such a
+    key takes its schema default, the behaviour before it existed (what every added key keeps at its default:
+    `ABSENT_AT_DEFAULT`), not a preset's value, which would build a different model: a tiny CMD run written
+    before 2026-12-07 (12) has no `method.autoencoder.loss`, and the tiny preset's PatchGAN since then would ask
+    its checkpoint for discriminator weights it never had. Returns (config, {key: (preset value, value used)}).
+    """
+    from methods import METHODS
+
+    base = load_config([f"method={saved.method.name}", f"dataset={dataset}", f"scale={saved.scale}"])
+    schema = OmegaConf.to_container(OmegaConf.structured(METHODS[saved.method.name].Config()))
+    held = to_container(saved).get("method", {})
+    reset: dict[str, tuple] = {}
+
+    def walk(today: dict, before: dict, default: dict, prefix: str) -> None:
+        for key, value in today.items():
+            if key not in default:
+                continue
+            if isinstance(value, dict) and isinstance(default[key], dict):  # a whole section added: its leaves
+                walk(value, before.get(key) if isinstance(before.get(key), dict) else {}, default[key], f"{prefix}.{key}")
+            elif key not in before and default[key] != value:
+                reset[f"{prefix}.{key}"] = (value, default[key])
+
+    walk(to_container(base.method), held, schema, "method")
+    for key, (_, used) in reset.items():
+        OmegaConf.update(base, key, used, merge=False)
+    return merge_overrides(base, saved, source), reset
+
+
+def predates_note(source: str, reset: dict[str, tuple]) -> str:
+    """One line on the keys a saved config predates (empty when none)."""
+    if not reset:
+        return ""
+    shown = ", ".join(f"{k}={used!r} (preset: {today!r})" for k, (today, used) in reset.items())
+    return f"note: {source} predates {len(reset)} method key(s); they take their values from before they existed: {shown}"
+
+
 def to_container(cfg: DictConfig) -> dict:
     """Plain dicts and lists (what checkpoints and the results store keep)."""
     return OmegaConf.to_container(cfg, resolve=True)

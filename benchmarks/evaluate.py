@@ -73,14 +73,14 @@ def _split_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def _run_config(run_dir: Path, overrides: list[str]):
     """A run folder's saved config with `overrides` on top (validated by the same schemas)."""
-    from benchmarks.config import load_config, merge_overrides
+    from benchmarks.config import merge_overrides, predates_note, saved_run_config
     from benchmarks.run_folder import RunFolder
 
     folder = RunFolder(run_dir)
     saved = folder.saved_config()
-    cfg = load_config([f"method={saved.method.name}", f"dataset={run_dir_dataset(run_dir, saved)}",
-                       f"scale={saved.scale}"])
-    cfg = merge_overrides(cfg, saved, str(folder.config_path))
+    cfg, reset = saved_run_config(saved, run_dir_dataset(run_dir, saved), str(folder.config_path))
+    if reset:
+        print(predates_note(str(folder.config_path), reset), file=sys.stderr)
     return merge_overrides(cfg, [o for o in overrides if o.split("=")[0] not in ("method", "dataset", "scale")],
                            "command line")
 

@@ -36,7 +36,17 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from benchmarks.common import build_datamodule, build_method, data_spec, git_state, library_versions, real_conditioning
-from benchmarks.config import SELECTORS, ConfigError, config_hash, load_config, merge_overrides, stage_settings, to_container
+from benchmarks.config import (
+    SELECTORS,
+    ConfigError,
+    config_hash,
+    load_config,
+    merge_overrides,
+    predates_note,
+    saved_run_config,
+    stage_settings,
+    to_container,
+)
 from benchmarks.efficiency import sample_gflops
 from benchmarks.results import append_row, atomic_torch_save, read_rows
 from benchmarks.run_folder import RunFolder, RunFolderError, config_difference
@@ -94,9 +104,9 @@ def resolve_run(argv: list[str]) -> tuple[DictConfig, RunFolder, bool]:
             + ". It is never overwritten: leave run_dir out (or give a new folder) to start that run.")
     from benchmarks.evaluate import run_dir_dataset
 
-    base = load_config([f"method={held['method']}", f"dataset={picked.get('dataset', run_dir_dataset(folder.path, saved))}",
-                        f"scale={held['scale']}"])
-    resumed = merge_overrides(base, saved, f"{folder.config_path}")
+    resumed, reset = saved_run_config(saved, picked.get("dataset", run_dir_dataset(folder.path, saved)), f"{folder.config_path}")
+    if reset and not _is_worker():
+        print(predates_note(str(folder.config_path), reset), file=sys.stderr)
     wanted = merge_overrides(resumed, [a for a in argv if a.split("=", 1)[0] not in SELECTORS], "command line")
     diff = config_difference(to_container(resumed), to_container(wanted))
     if diff:
