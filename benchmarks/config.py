@@ -303,7 +303,7 @@ def saved_run_config(saved: DictConfig, dataset: str, source: str) -> tuple[Dict
 
     def walk(today: dict, before: dict, default: dict, prefix: str) -> None:
         for key, value in today.items():
-            if key not in default:
+            if key not in default or default[key] == "???":  # not in the schema, or no default (a layer must set it)
                 continue
             if isinstance(value, dict) and isinstance(default[key], dict):  # a whole section added: its leaves
                 walk(value, before.get(key) if isinstance(before.get(key), dict) else {}, default[key], f"{prefix}.{key}")
