@@ -317,9 +317,7 @@ def saved_run_config(saved: DictConfig, dataset: str, source: str) -> tuple[Dict
 
 
 def predates_note(source: str, reset: dict[str, tuple]) -> str:
-    """One line on the keys a saved config predates (empty when none)."""
-    if not reset:
-        return ""
+    """One line on the keys a saved config predates (`reset` as `saved_run_config` returns it)."""
     shown = ", ".join(f"{k}={used!r} (preset: {today!r})" for k, (today, used) in reset.items())
     return f"note: {source} predates {len(reset)} method key(s); they take their values from before they existed: {shown}"
 
