@@ -133,3 +133,29 @@ def test_pvdm_ae_trains_the_autoencoder_alone_and_scores_its_reconstructions():
     report = probe_methods.main(["pvdm-ae", "steps=3", "n=4", *gan])
     assert report["steps"] == 3 and report["r_fvd"] >= 0  # exactly `steps`, with the PatchGAN as its own player
     assert {"g", "d", "grad_norm_model", "grad_norm_discriminator"} <= set(report["last_step"])
+
+
+def test_ae_seeds_trains_the_autoencoder_the_run_of_that_seed_trains(tmp_path):
+    import json
+
+    import torch
+
+    from benchmarks import run
+    from benchmarks.common import build_method, data_spec
+    from benchmarks.probe_cmd import load_run
+    from benchmarks.run_folder import RunFolder
+
+    common = ["scale=test", f"cache_dir={tmp_path / 'cache'}"]
+    rows = probe_methods.main(["ae-seeds", "seeds=1,2", "n=4", f"out={tmp_path / 'probe'}", *common])
+    assert [r["seed"] for r in rows] == [1, 2] and rows[0]["val_l1"] != rows[1]["val_l1"]
+    assert [json.loads(line) for line in open(tmp_path / "probe" / "cmd_ae_seeds.jsonl")] == rows
+    # the whole run of seed 2: its autoencoder, after its autoencoder stage, reconstructs the clips the same
+    run.main(["method=cmd", "seed=2", f"run_dir={tmp_path / 'run'}", f"results={tmp_path / 'rows.jsonl'}", *common])
+    cfg, dm, _ = load_run(tmp_path / "run")
+    method = build_method(cfg, data_spec(cfg, dm))
+    method.load_state_dict(torch.load(RunFolder(tmp_path / "run").final("autoencoder"), weights_only=True))
+    real = probe_methods._real(cfg, "val", 4)["video"]
+    recon = probe_methods.reconstruct(cfg, method.eval(), real)
+    assert (recon - real).abs().mean().item() == pytest.approx(rows[1]["val_l1"], rel=1e-6)
+    with pytest.raises(SystemExit, match="no autoencoder stage"):
+        probe_methods.main(["ae-seeds", "seeds=0", "n=4", "method=vdm", *common])
