@@ -356,12 +356,28 @@ def dry_pass(cfg: DictConfig, method, dm, status: dict[str, str], max_batch: int
 
     status: {stage: "train" | "done" | "cached"} (what `benchmarks.run` will do with each stage).
     max_batch: cap the dry pass's batch (the estimate is then extrapolated linearly to the configured batch).
-    Errors name the stage; the method's weights are left as they were (no optimiser step).
+    Errors name the stage; the method is left as it was: no optimiser step, and every buffer restored (a loss
+    call in training mode moves BatchNorm statistics and the PatchGAN's step counter, whose `gan.start` a run
+    that had a dry pass would otherwise reach earlier than the same run resumed, or `benchmarks.probe_methods
+    ae-seeds`).
     """
     t0 = time.perf_counter()
     device = method.device
     autocast = str(cfg.trainer.precision).startswith("bf16")
     was_training = method.training
+    buffers = {name: b.detach().clone() for name, b in method.named_buffers()}
+    try:
+        return _dry_pass(cfg, method, dm, status, max_batch, device, autocast, t0)
+    finally:
+        with torch.no_grad():
+            for name, b in method.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+        method.train(was_training)
+
+
+def _dry_pass(cfg: DictConfig, method, dm, status: dict[str, str], max_batch: int | None, device, autocast: bool,
+              t0: float) -> Plan:
     method.train()
     stages = []
     cache = getattr(method, "encoding_cache", None)
@@ -390,7 +406,5 @@ def dry_pass(cfg: DictConfig, method, dm, status: dict[str, str], max_batch: int
         step, model_steps = _time_sampling(cfg, method, dm, autocast, device)
     except Exception as e:
         raise RuntimeError(f"dry pass: sampling fails ({type(e).__name__}: {e})") from e
-    finally:
-        method.train(was_training)
     n = cfg.sample.num_videos + (cfg.eval.num_samples if cfg.eval.metrics else 0)
     return Plan(stages, step, model_steps, n, time.perf_counter() - t0)

@@ -499,3 +499,27 @@ def test_cmd_run_with_the_encoding_cache_reads_the_content_stages_clips_back_and
     a = torch.load(RunFolder(plain["run_dir"]).final_checkpoint(stages), weights_only=True)
     b = torch.load(RunFolder(cached["run_dir"]).final_checkpoint(stages), weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_dry_pass_leaves_every_buffer_as_it_was(name):
+    """The dry pass's loss calls run in training mode: without the restore they move BatchNorm statistics and the
+    PatchGAN's step counter (so a run that had a dry pass reached `gan.start` earlier than the same run resumed)."""
+    from benchmarks.preflight import _one_batch, dry_pass
+
+    gan = [f"method.autoencoder.loss.gan.{k}={v}" for k, v in (("weight", 1), ("layers", 1), ("channels", 4))]
+    with_gan = name in ("cmd", "pvdm")
+    cfg = load_config([f"method={name}", "scale=test", *(gan if with_gan else [])])
+    dm = build_datamodule(cfg)
+    method = build_method(cfg, data_spec(cfg, dm))
+    before = {k: b.clone() for k, b in method.named_buffers()}
+    dry_pass(cfg, method, dm, {s: "train" for s in method.stages})
+    after = dict(method.named_buffers())
+    assert before.keys() == after.keys() and [k for k in before if not torch.equal(before[k], after[k])] == []
+    if with_gan:  # what the restore undoes: one training-mode loss call moves the counter and the statistics
+        counters = [k for k in after if k.endswith("loss.step")]
+        assert counters and all(int(after[k]) == 0 for k in counters)
+        method.train()
+        method.loss("autoencoder", _one_batch(dm, 2, 0))
+        moved = [k for k, b in method.named_buffers() if not torch.equal(before[k], b)]
+        assert set(counters) <= set(moved) and any("running_mean" in k for k in moved)
