@@ -53,7 +53,7 @@ ae-seeds: is an autoencoder setting reliable across initialisations? For each se
 order, loss, optimiser, schedule and Lightning loop: `benchmarks.run.train_stages` on a temporary run folder, so
 a seed's figures are those of the whole run's autoencoder), then the L1 of n val clips' reconstructions, their
 R-FVD against those clips and the shapes evaluator's motion-class accuracy on them (a failed autoencoder
-loses the motion: 0.43 where the others keep 0.93). One row per seed in out/<method>_ae_seeds.jsonl (appended),
+loses the motion: 0.43 where the others keep 0.92 or more). One row per seed in out/<method>_ae_seeds.jsonl (appended),
 then min / median / max. Default method: cmd.
 
 i2v-protocol: a trained D-VDM / ED-VDM run scored under the earlier image-to-video protocol (first frames
@@ -632,6 +632,9 @@ def ae_seeds(opts: dict, overrides: list[str]) -> list[dict]:
         cfg = load_config([*overrides, f"seed={seed}"])
         if cfg.dataset.name != "shapes":
             raise SystemExit(f"error: ae-seeds scores with the shapes evaluator; dataset={cfg.dataset.name} is not shapes")
+        if cfg.trainer.get("time_budget"):
+            raise SystemExit("error: ae-seeds trains the stage's stages.autoencoder.max_steps; a time budget's share "
+                             "depends on the whole run: drop trainer.time_budget")
         L.seed_everything(cfg.seed, workers=True, verbose=False)  # as benchmarks.run: the same initialisation
         dm = build_datamodule(cfg)
         dm.setup("fit")

@@ -159,3 +159,5 @@ def test_ae_seeds_trains_the_autoencoder_the_run_of_that_seed_trains(tmp_path):
     assert (recon - real).abs().mean().item() == pytest.approx(rows[1]["val_l1"], rel=1e-6)
     with pytest.raises(SystemExit, match="no autoencoder stage"):
         probe_methods.main(["ae-seeds", "seeds=0", "n=4", "method=vdm", *common])
+    with pytest.raises(SystemExit, match="drop trainer.time_budget"):
+        probe_methods.main(["ae-seeds", "seeds=0", "n=4", "trainer.time_budget=10", *common])
