@@ -361,13 +361,10 @@ def dry_pass(cfg: DictConfig, method, dm, status: dict[str, str], max_batch: int
     that had a dry pass would otherwise reach earlier than the same run resumed, or `benchmarks.probe_methods
     ae-seeds`).
     """
-    t0 = time.perf_counter()
-    device = method.device
-    autocast = str(cfg.trainer.precision).startswith("bf16")
     was_training = method.training
     buffers = {name: b.detach().clone() for name, b in method.named_buffers()}
     try:
-        return _dry_pass(cfg, method, dm, status, max_batch, device, autocast, t0)
+        return _dry_pass(cfg, method, dm, status, max_batch)
     finally:
         with torch.no_grad():
             for name, b in method.named_buffers():
@@ -376,8 +373,10 @@ def dry_pass(cfg: DictConfig, method, dm, status: dict[str, str], max_batch: int
         method.train(was_training)
 
 
-def _dry_pass(cfg: DictConfig, method, dm, status: dict[str, str], max_batch: int | None, device, autocast: bool,
-              t0: float) -> Plan:
+def _dry_pass(cfg: DictConfig, method, dm, status: dict[str, str], max_batch: int | None) -> Plan:
+    t0 = time.perf_counter()
+    device = method.device
+    autocast = str(cfg.trainer.precision).startswith("bf16")
     method.train()
     stages = []
     cache = getattr(method, "encoding_cache", None)

@@ -588,8 +588,7 @@ def pvdm_ae(opts: dict, overrides: list[str]) -> dict:
     train_seconds = time.perf_counter() - t0
     method.eval()
     real = _real(cfg, "val", n)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        recon = method.reconstruct(real["video"]).float()
+    recon = reconstruct(cfg, method, real["video"], batch=n)
     det = load_detector("shapes", None)
     heads = _heads(det, recon)
     report = {"overrides": overrides, "seconds": round(train_seconds, 1), "steps": steps, "lr": st["lr"],
@@ -616,7 +615,7 @@ def ae_seeds(opts: dict, overrides: list[str]) -> list[dict]:
 
     import lightning as L
 
-    from benchmarks.results import atomic_write_text
+    from benchmarks.results import append_row
     from benchmarks.run import train_stages
     from benchmarks.run_folder import RunFolder
     from evaluation.detectors import load_detector
@@ -656,10 +655,7 @@ def ae_seeds(opts: dict, overrides: list[str]) -> list[dict]:
                "recon_motion_acc": (_heads(det, recon)["motion"] == real["label"]).float().mean().item()}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{cfg.method.name}_ae_seeds.jsonl"
-        before = path.read_text() if path.exists() else ""
-        atomic_write_text(path, before + json.dumps(row) + "\n")
+        append_row(out / f"{cfg.method.name}_ae_seeds.jsonl", row)
     for key in ("r_fvd", "recon_motion_acc", "val_l1"):
         v = sorted(r[key] for r in rows)
         print(f"{key}: min {v[0]:.4g}, median {v[len(v) // 2]:.4g}, max {v[-1]:.4g} over seeds {seeds}")
