@@ -117,7 +117,7 @@ def test_base_fine_tunes_with_a_smaller_learning_rate(vf):
 
 def test_shares_the_image_prior_cache_key_with_cmd():
     """Same prior config, data and budget -> one cache entry (CMD's tiny prior, for VideoFusion its schedule unshifted,
-    CMD's width and CMD's steps); VideoFusion's own tiny prior (SNR shift 4, 340 steps) is a different entry."""
+    CMD's width and heads, and CMD's steps); VideoFusion's own tiny prior (SNR shift 4, 340 steps) is a different entry."""
     from benchmarks.config import stage_settings
     from benchmarks.run import shared_stage_cache
 
@@ -127,7 +127,7 @@ def test_shares_the_image_prior_cache_key_with_cmd():
         return shared_stage_cache(cfg, method, "image_prior", stage_settings(cfg, "image_prior"))
 
     as_cmd = ("method.image_prior.diffusion.snr_shift=1", "stages.image_prior.max_steps=150",
-              "method.image_prior.unet.channels=[16,32]")
+              "method.image_prior.unet.channels=[16,32]", "method.image_prior.unet.heads=1")
     assert key("method=cmd") == key("method=videofusion", *as_cmd), "CMD and VideoFusion must reuse one prior"
     assert key("method=cmd") != key("method=videofusion")
     eps = ("method.image_prior.diffusion.objective=eps", "method.image_prior.diffusion.schedule=linear")
