@@ -7,11 +7,12 @@
   Modules are compiled in place (`nn.Module.compile`), so parameter names and checkpoints are unchanged.
 - `to_channels_last(model)`: conv weights in channels-last layout (2D: `channels_last`, 3D:
   `channels_last_3d`); oneDNN then runs those convolutions, and the ops after them, in NHWC.
-- `attention_kernel(kind)`: the kernel of `methods.nets.transformer.Attention` on CPU: `math` (the plain
-  softmax(QK^T)V, the measured default for the short sequences of the tiny presets), `fused`
-  (`scaled_dot_product_attention`, which picks PyTorch's flash kernel on CPU) or `auto` (fused on
-  CUDA, and on CPU wherever no gradient is recorded: sampling, frozen encoders; math when training on
-  CPU, whose backward the fused kernel's loses). The UNets' `nn.MultiheadAttention` always uses the fused kernel.
+- `attention_kernel(kind)`: the kernel of every attention layer (`methods.nets.transformer.attend`: the
+  transformers' `Attention` and, since 2026-12-08, the UNets' `nn.MultiheadAttention` modules) on CPU: `math`
+  (the plain softmax(QK^T)V), `fused` (`scaled_dot_product_attention`, which picks PyTorch's flash kernel on
+  CPU) or `auto` (fused on CUDA, and on CPU wherever no gradient is recorded: sampling, frozen encoders; when
+  training on CPU the plain form for sequences up to 128, and up to 256 with heads of 32+ channels, where its
+  backward was measured faster, the fused kernel beyond: `transformer.plain_is_faster`).
 - `tune_allocator("reuse")`: glibc's malloc keeps freed memory instead of returning it to the kernel (an
   mmap threshold and a trim threshold of 1 GiB, where glibc's default mmaps every block over 32 MiB and
   trims the heap's top past 128 KiB-32 MiB): without it, every large activation is a fresh mapping whose

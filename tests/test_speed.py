@@ -212,21 +212,44 @@ def test_probe_size_shrinks_where_one_product_would_not_fit(monkeypatch):
     assert size(1e-6, 100.0) == machine.SIZE  # never above SIZE
 
 
-def test_auto_attention_takes_the_fused_kernel_only_where_no_gradient_is_recorded(monkeypatch):
+@pytest.mark.parametrize("length, dim, heads, fused", [(7, 32, 4, False), (200, 64, 2, False), (200, 32, 4, True),
+                                                       (300, 64, 1, True)])
+def test_auto_attention_trains_in_the_plain_form_on_cpu_where_it_was_measured_faster(monkeypatch, length, dim, heads,
+                                                                                       fused):
+    """auto, training on CPU: the plain form for sequences up to 128, and up to 256 with heads of 32+ channels, the
+    fused kernel beyond; wherever no gradient is recorded (sampling, frozen encoders) the fused kernel. The same values."""
     calls = []
-    fused = nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    sdpa = nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    assert transformer.plain_is_faster(length, dim // heads) is not fused
     torch.manual_seed(0)
-    attn, x = transformer.Attention(32, 4), torch.randn(2, 7, 32)
-    trained = attn(x)  # training on CPU: the plain form
-    assert calls == [] and trained.requires_grad
+    attn, x = transformer.Attention(dim, heads), torch.randn(2, length, dim)
+    trained = attn(x)
+    assert len(calls) == fused and trained.requires_grad
     with torch.no_grad():
         sampled = attn(x)
-    assert calls == [1]
     with torch.inference_mode():
         attn(x)
-    assert calls == [1, 1]
+    assert len(calls) == fused + 2
+    with attention_kernel("fused" if not fused else "math"):  # the other kernel: the same values
+        torch.testing.assert_close(attn(x), trained, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sampled, trained.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["math", "fused"])
+def test_the_unets_multihead_attention_computes_what_torch_computes(kind):
+    """The UNets keep their `nn.MultiheadAttention` modules (checkpoints load as before) but compute through
+    `transformer.attend`: the same output and the same gradients as the module's own forward, with either kernel."""
+    torch.manual_seed(0)
+    mha, x = nn.MultiheadAttention(16, 4, batch_first=True), torch.randn(3, 10, 16, requires_grad=True)
+    want = mha(x, x, x, need_weights=False)[0]
+    want_grads = torch.autograd.grad(want.square().sum(), [x, *mha.parameters()])
+    with attention_kernel(kind):
+        got = transformer.multihead_self_attention(mha, x)
+        got_grads = torch.autograd.grad(got.square().sum(), [x, *mha.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_position_tables_are_cached_per_grid_and_survive_inference_mode():
@@ -523,3 +546,26 @@ def test_the_dry_pass_leaves_every_buffer_as_it_was(name):
         method.loss("autoencoder", _one_batch(dm, 2, 0))
         moved = [k for k, b in method.named_buffers() if not torch.equal(before[k], b)]
         assert set(counters) <= set(moved) and any("running_mean" in k for k in moved)
+
+
+def test_the_attention_kernel_benchmark_times_both_kernels_and_scores_the_rule(tmp_path, capsys):
+    from benchmarks import attention_kernels
+
+    rows = attention_kernels.main(["lengths=8,160", "head_dims=8,32", "tokens=640", "repeats=1", "rounds=1",
+                                   "precision=32-true", f"out={tmp_path}"])
+    assert {(r["mode"], r["length"], r["head_dim"]) for r in rows} == {
+        (m, n, d) for m in ("train", "sample") for n in (8, 160) for d in (8, 32)}
+    for r in rows:
+        assert r["plain_seconds"] > 0 and r["fused_seconds"] > 0
+        assert r["plain_over_fused"] == pytest.approx(r["plain_seconds"] / r["fused_seconds"])
+        plain = r["mode"] == "train" and transformer.plain_is_faster(r["length"], r["head_dim"])
+        assert r["rule"] == ("plain" if plain else "fused")  # what auto picks: sampling always fused
+        assert r["rule_is_faster"] == ((r["plain_over_fused"] <= 1) == (r["rule"] == "plain"))
+        assert r["batch"] * r["heads"] * r["length"] <= 640
+    assert {r["rule"] for r in rows} == {"plain", "fused"}  # 160 tokens with 8-channel heads: fused
+    with open(tmp_path / "attention_kernels.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (tmp_path / "attention_kernels.png").stat().st_size > 0
+    assert "| train | 8 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown option 'length=8'"):
+        attention_kernels.main(["length=8"])

@@ -67,12 +67,51 @@ def sincos_2d(h: int, w: int, dim: int, device: torch.device | None = None) -> T
 
 # --- layers ----------------------------------------------------------------------------------
 
-# "auto": the fused kernel on CUDA, the plain form on CPU; "math" / "fused": always that one (methods.speed)
+# "auto": the fused kernel on CUDA, and on CPU wherever no gradient is recorded (sampling, frozen encoders); when
+# training on CPU the plain form where it was measured faster (`plain_is_faster`); "math" / "fused": always that one
 ATTENTION_KERNEL = "auto"
 
 
+def plain_is_faster(length: int, head_dim: int) -> bool:
+    """Whether the plain softmax(QK^T)V trains faster than PyTorch's fused (flash) kernel on CPU at this length.
+
+    `python -m benchmarks.attention_kernels` (forward + backward under bf16 autocast, the 2-core family-26 AMD EPYC;
+    docs/results/attention-kernels/), the plain form's seconds over the fused kernel's: 0.09-0.42x at lengths 16-128
+    with 16k query tokens a call and 0.13-0.40x with 64k; at 256 0.38-0.50x with 16k but, with 64k, 1.5x for heads
+    of 8-16 channels and 0.83-1.10x for heads of 32-64; from 512 on the fused kernel mostly wins (its memory grows
+    linearly with the length, the plain form's quadratically). Sampling keeps the fused kernel: at batch 1 the
+    plain form made CMD's and ED-VDM's whole samplers 1.17-1.27x slower (`benchmarks.efficiency`, in turns).
+    """
+    return length <= 128 or (length <= 256 and head_dim >= 32)
+
+
+def takes_plain_form(x: Tensor, length: int, head_dim: int) -> bool:
+    """Whether attention over `x` (queries, or the tokens they come from) computes in the plain form (the kernel
+    switch `ATTENTION_KERNEL`; see `plain_is_faster` for auto)."""
+    if ATTENTION_KERNEL != "auto":
+        return ATTENTION_KERNEL == "math"
+    return not x.is_cuda and torch.is_grad_enabled() and plain_is_faster(length, head_dim)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Scaled dot-product attention of (B, heads, L, d) queries, keys and values -> (B, heads, L, d)."""
+    if takes_plain_form(q, q.shape[-2], q.shape[-1]):
+        return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
+    return nn.functional.scaled_dot_product_attention(q, k, v)  # fused kernel
+
+
+def multihead_self_attention(attn: nn.MultiheadAttention, x: Tensor) -> Tensor:
+    """`attn(x, x, x)[0]` for a batch-first, bias-carrying `nn.MultiheadAttention` without dropout: torch's own
+    forward (its fused kernel) unless `takes_plain_form`, then the same projections around the plain form."""
+    if not takes_plain_form(x, x.shape[1], attn.head_dim):
+        return attn(x, x, x, need_weights=False)[0]
+    q, k, v = rearrange(nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias), "b l (three h d) -> three b h l d",
+                        three=3, h=attn.num_heads)
+    return attn.out_proj(rearrange(attend(q, k, v), "b h l d -> b l (h d)"))
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over (B, L, D) tokens (PyTorch's fused scaled-dot-product kernel)."""
+    """Multi-head self-attention over (B, L, D) tokens (the kernel: `attend`)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -84,11 +123,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        if ATTENTION_KERNEL == "fused" or (ATTENTION_KERNEL == "auto" and (x.is_cuda or not torch.is_grad_enabled())):
-            out = nn.functional.scaled_dot_product_attention(q, k, v)  # fused kernel      (B, heads, L, d)
-        else:  # training on CPU: the plain form's backward was measured faster than the fused kernel's here
-            out = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
-        return self.proj(rearrange(out, "b h l d -> b l (h d)"))
+        return self.proj(rearrange(attend(q, k, v), "b h l d -> b l (h d)"))
 
 
 class Mlp(nn.Sequential):

@@ -16,6 +16,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from methods.nets.embed import TimestepEmbedder
+from methods.nets.transformer import multihead_self_attention
 
 
 @dataclass
@@ -60,7 +61,7 @@ def _attend_over_time(x: Tensor, norm: nn.GroupNorm, attn: nn.MultiheadAttention
     """Residual self-attention over the frames at every pixel: (B*T, C, H, W) -> same."""
     H, W = x.shape[-2:]
     h = rearrange(norm(x), "(b t) c h w -> (b h w) t c", t=frames) + pos[:, :frames]
-    h = attn(h, h, h, need_weights=False)[0]
+    h = multihead_self_attention(attn, h)
     return x + rearrange(h, "(b h w) t c -> (b t) c h w", h=H, w=W)
 
 
@@ -113,7 +114,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, frames: int) -> Tensor:
         H = x.shape[-2]
         h = rearrange(self.norm_s(x), "n c h w -> n (h w) c")
-        x = x + rearrange(self.attn_s(h, h, h, need_weights=False)[0], "n (h w) c -> n c h w", h=H)
+        x = x + rearrange(multihead_self_attention(self.attn_s, h), "n (h w) c -> n c h w", h=H)
         if self.temporal and frames > 1:
             x = _attend_over_time(x, self.norm_t, self.attn_t, self.pos_t, frames)
         return x
