@@ -11,7 +11,7 @@ what `trainer.precision=auto` picks here), out=DIR (default results/attention_ke
 For every (mode, length, head width): the plain softmax(QK^T / sqrt(d))V and PyTorch's fused
 `scaled_dot_product_attention` on the same random (B, heads, L, d) queries, keys and values, in turns (round
 by round, plain first in odd rounds), under the run's autocast; `train` times forward + backward, `sample`
-the forward under `torch.no_grad()`. Heads: 4 for widths under 32, 2 above (the batch makes up the tokens).
+the forward under `torch.no_grad()`. Heads: 4 for widths under 32, 2 from 32 on (the batch makes up the tokens).
 Per cell: the median seconds of each kernel (best round), `plain_over_fused` (below 1: the plain form is
 faster), `rule` (the kernel `trainer.attention=auto` picks on CPU: in training the one `plain_is_faster` names,
 in sampling always the fused one) and `rule_is_faster`. Outputs in out/:
@@ -21,6 +21,7 @@ machine.json (the matmul probe); the table is printed as Markdown.
 
 from __future__ import annotations
 
+import difflib
 import json
 import statistics
 import time
@@ -40,13 +41,21 @@ def _parse(argv: list[str]) -> dict:
     for a in argv:
         key, eq, value = a.partition("=")
         if not eq or key not in OWN_KEYS:
-            raise SystemExit(f"error: unknown option {a!r}; options: {', '.join(k + '=' for k in OWN_KEYS)}")
-        if key in ("lengths", "head_dims"):
-            opts[key] = [int(v) for v in value.split(",")]
-        elif key in ("precision", "out"):
+            near = difflib.get_close_matches(key, OWN_KEYS, n=1)
+            hint = f"did you mean {near[0]}=? " if near else ""
+            raise SystemExit(f"error: unknown option {a!r}; {hint}options: {', '.join(k + '=' for k in OWN_KEYS)}")
+        if key in ("precision", "out"):
             opts[key] = value
-        else:
-            opts[key] = int(value)
+            continue
+        is_list = key in ("lengths", "head_dims")
+        try:
+            numbers = [int(v) for v in value.split(",")]
+        except ValueError:
+            kind, example = ("a list of whole numbers", "16,64") if is_list else ("a whole number", "5")
+            raise SystemExit(f"error: {key}={value!r} is not {kind}, e.g. {key}={example}") from None
+        if min(numbers) < 1 or (not is_list and len(numbers) > 1):
+            raise SystemExit(f"error: {key}={value!r}: give {'positive lengths' if is_list else 'one positive number'}")
+        opts[key] = numbers if is_list else numbers[0]
     if opts["precision"] not in ("auto", "bf16-mixed", "32-true"):
         raise SystemExit(f"error: precision={opts['precision']!r}; choose auto, bf16-mixed or 32-true")
     return opts

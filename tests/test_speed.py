@@ -567,5 +567,7 @@ def test_the_attention_kernel_benchmark_times_both_kernels_and_scores_the_rule(t
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "attention_kernels.png").stat().st_size > 0
     assert "| train | 8 |" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="unknown option 'length=8'"):
+    with pytest.raises(SystemExit, match="unknown option 'length=8'; did you mean lengths="):
         attention_kernels.main(["length=8"])
+    with pytest.raises(SystemExit, match="tokens='many' is not a whole number"):
+        attention_kernels.main(["tokens=many"])
