@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from methods.nets.transformer import plain_attention
+
 USAGE = __doc__
 OWN_KEYS = ("lengths", "head_dims", "tokens", "repeats", "rounds", "precision", "out")
 MODES = ("train", "sample")
@@ -61,15 +63,7 @@ def _parse(argv: list[str]) -> dict:
     return opts
 
 
-def plain(q, k, v):
-    return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
-
-
-def fused(q, k, v):
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
-KERNELS = {"plain": plain, "fused": fused}
+KERNELS = {"plain": plain_attention, "fused": torch.nn.functional.scaled_dot_product_attention}
 
 
 def time_cell(mode: str, length: int, head_dim: int, tokens: int, repeats: int, rounds: int, bf16: bool) -> dict:

@@ -93,10 +93,15 @@ def takes_plain_form(x: Tensor, length: int, head_dim: int) -> bool:
     return not x.is_cuda and torch.is_grad_enabled() and plain_is_faster(length, head_dim)
 
 
+def plain_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(QK^T / sqrt(d))V of (B, heads, L, d) queries, keys and values, in plain matmuls."""
+    return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Scaled dot-product attention of (B, heads, L, d) queries, keys and values -> (B, heads, L, d)."""
     if takes_plain_form(q, q.shape[-2], q.shape[-1]):
-        return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
+        return plain_attention(q, k, v)
     return nn.functional.scaled_dot_product_attention(q, k, v)  # fused kernel
 
 
