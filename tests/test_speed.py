@@ -236,17 +236,22 @@ def test_auto_attention_trains_in_the_plain_form_on_cpu_where_it_was_measured_fa
     torch.testing.assert_close(sampled, trained.detach(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["math", "fused"])
-def test_the_unets_multihead_attention_computes_what_torch_computes(kind):
-    """The UNets keep their `nn.MultiheadAttention` modules (checkpoints load as before) but compute through
-    `transformer.attend`: the same output and the same gradients as the module's own forward, with either kernel."""
+@pytest.mark.parametrize("kind", ["auto", "math", "fused"])
+def test_the_unets_multihead_attention_computes_what_torch_computes(kind, monkeypatch):
+    """The UNets keep their `nn.MultiheadAttention` modules (checkpoints load as before) and compute through the
+    kernel rule: training on CPU over 10 tokens, auto and math take the plain form (not the module's own forward),
+    fused the module's forward; the same output and the same gradients either way."""
     torch.manual_seed(0)
     mha, x = nn.MultiheadAttention(16, 4, batch_first=True), torch.randn(3, 10, 16, requires_grad=True)
     want = mha(x, x, x, need_weights=False)[0]
     want_grads = torch.autograd.grad(want.square().sum(), [x, *mha.parameters()])
+    own = []
+    forward = mha.forward
+    monkeypatch.setattr(mha, "forward", lambda *a, **k: own.append(1) or forward(*a, **k))
     with attention_kernel(kind):
         got = transformer.multihead_self_attention(mha, x)
         got_grads = torch.autograd.grad(got.square().sum(), [x, *mha.parameters()])
+    assert len(own) == (kind == "fused")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
