@@ -7,7 +7,7 @@
   Modules are compiled in place (`nn.Module.compile`), so parameter names and checkpoints are unchanged.
 - `to_channels_last(model)`: conv weights in channels-last layout (2D: `channels_last`, 3D:
   `channels_last_3d`); oneDNN then runs those convolutions, and the ops after them, in NHWC.
-- `attention_kernel(kind)`: the kernel of every attention layer (`methods.nets.transformer.attend`: the
+- `attention_kernel(kind)`: the kernel of every attention layer (`methods.nets.transformer.takes_plain_form`: the
   transformers' `Attention` and, since 2026-12-08, the UNets' `nn.MultiheadAttention` modules) on CPU: `math`
   (the plain softmax(QK^T)V), `fused` (`scaled_dot_product_attention`, which picks PyTorch's flash kernel on
   CPU) or `auto` (fused on CUDA, and on CPU wherever no gradient is recorded: sampling, frozen encoders; when

@@ -112,7 +112,7 @@ def multihead_self_attention(attn: nn.MultiheadAttention, x: Tensor) -> Tensor:
         return attn(x, x, x, need_weights=False)[0]
     q, k, v = rearrange(nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias), "b l (three h d) -> three b h l d",
                         three=3, h=attn.num_heads)
-    return attn.out_proj(rearrange(attend(q, k, v), "b h l d -> b l (h d)"))
+    return attn.out_proj(rearrange(plain_attention(q, k, v), "b h l d -> b l (h d)"))
 
 
 class Attention(nn.Module):
